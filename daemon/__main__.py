@@ -1,0 +1,5 @@
+"""`python -m rloopd` runs the CLI."""
+
+from rloopd.cli import main
+
+main()

@@ -1,0 +1,141 @@
+"""Verify the log: every stream's hash chain, the canonical form of every stored payload, and every blob.
+
+Audit reads the raw rows, so a changed byte anywhere in an event is caught even when it parses to the
+same value (`1e-05` edited to `1E-05`): the stored data text must equal its own canonical serialization,
+and the recomputed hash must equal the stored one, which the next event's `prev` must equal in turn.
+A consistent rewrite of a whole stream keeps its chain valid; `expect` (head hashes kept elsewhere)
+catches that.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from rloopd import events as ev
+from rloopd.blobs import BlobStore
+from rloopd.log import EventLog, canonical_event, canonical_json, chain_hash
+
+
+@dataclass
+class Problem:
+    stream: str
+    n: int | None
+    seq: int | None
+    what: str
+
+    def __str__(self) -> str:
+        where = f"stream {self.stream}"
+        if self.n is not None:
+            where += f" n={self.n} seq={self.seq}"
+        return f"{where}: {self.what}"
+
+
+@dataclass
+class StreamReport:
+    stream: str
+    events: int = 0
+    head: str = ""
+
+
+@dataclass
+class AuditReport:
+    streams: list[StreamReport] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    blobs_checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def first(self) -> Problem | None:
+        return min(self.problems, key=lambda p: (p.seq is None, p.seq or 0)) if self.problems else None
+
+    def as_dict(self) -> dict:
+        return {
+            "ok": self.ok,
+            "streams": [{"stream": s.stream, "events": s.events, "head": s.head} for s in self.streams],
+            "blobs_checked": self.blobs_checked,
+            "problems": [p.__dict__ | {"message": str(p)} for p in sorted(
+                self.problems, key=lambda p: (p.seq is None, p.seq or 0))],
+        }
+
+
+def _fork_prev(log: EventLog, data: dict) -> str | None:
+    """The hash a fork's first event must chain from: its parent's event at the fork position."""
+    parent = data.get("parent") if isinstance(data, dict) else None
+    if not parent:
+        return None
+    row = log.conn.execute(
+        "SELECT hash FROM events WHERE stream = ? AND n = ?", (parent.get("run"), parent.get("n"))
+    ).fetchone()
+    return row[0] if row else "<missing parent event>"
+
+
+def audit(log: EventLog, blobs: BlobStore | None, streams: list[str] | None = None,
+          expect: dict[str, str] | None = None) -> AuditReport:
+    """Check the chosen streams (all by default) and return every problem found."""
+    report = AuditReport()
+    expect = expect or {}
+    names = streams if streams is not None else log.streams()
+    seen_blobs: set[str] = set()
+    with log.conn:  # one read transaction: a consistent snapshot while writers go on
+        log.conn.execute("BEGIN")
+        for name in names:
+            rep = StreamReport(name)
+            report.streams.append(rep)
+            _audit_stream(log, blobs, name, rep, report, seen_blobs)
+            if name in expect and expect[name] != rep.head:
+                report.problems.append(Problem(
+                    name, None, None, f"head hash {rep.head or '(empty)'} is not the expected {expect[name]}"))
+        for name in sorted(set(expect) - set(names)):
+            report.problems.append(Problem(name, None, None, "expected stream is not in the log"))
+    report.blobs_checked = len(seen_blobs)
+    return report
+
+
+def _audit_stream(log: EventLog, blobs: BlobStore | None, name: str, rep: StreamReport,
+                  report: AuditReport, seen_blobs: set[str]) -> None:
+    link, expected_n, last_seq = None, 0, 0
+    rows = log.conn.execute(
+        "SELECT seq, n, type, v, at, data, prev, hash FROM events WHERE stream = ? ORDER BY n", (name,))
+    for seq, n, type_, v, at, text, prev, stored in rows:
+        rep.events += 1
+
+        def bad(what: str, seq: int = seq, n: int = n) -> None:
+            report.problems.append(Problem(name, n, seq, what))
+
+        if n != expected_n:
+            bad(f"position gap: expected n={expected_n} (an event is missing)")
+        if seq < last_seq:
+            bad("out of order: its seq is lower than the previous event's")
+        try:
+            data = json.loads(text)
+            canon = canonical_json(data)
+        except ValueError as e:
+            bad(f"data is not valid JSON: {e}")
+            data, canon = None, text
+        if canon != text:
+            bad("data text is not in canonical form (its bytes were changed)")
+        if link is None:  # first event: empty prev, or the parent's hash for a fork
+            link = (_fork_prev(log, data) if type_ == "run.created" else None) or ""
+        if prev != link:
+            bad("prev does not match the hash of the event before it")
+        computed = chain_hash(prev, canonical_event(name, n, type_, v, at, canon))
+        if computed != stored:
+            bad("hash does not match its contents")
+        if data is not None:
+            try:
+                ev.decode(type_, v, data)
+            except Exception as e:  # noqa: BLE001 - any decoding failure is an audit finding
+                bad(str(e))
+            if blobs is not None:
+                for ref in ev.blob_refs(data):
+                    if ref in seen_blobs:
+                        continue
+                    seen_blobs.add(ref)
+                    why = blobs.verify(ref)
+                    if why:
+                        bad(why)
+        link, expected_n, last_seq = stored, n + 1, seq
+        rep.head = stored

@@ -1,0 +1,78 @@
+"""The command line: parse, call one library function, print; domain errors become one line and an exit code."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from rloopd import __version__
+from rloopd.errors import HomeError, RloopdError
+
+app = typer.Typer(
+    name="rloopd", no_args_is_help=True, add_completion=False, rich_markup_mode="rich",
+    help="An event-sourced daemon that runs autonomous ML research loops.",
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+HomeOpt = Annotated[Path | None, typer.Option(
+    "--home", envvar="RLOOPD_HOME", show_envvar=True,
+    help="State directory (default: $XDG_STATE_HOME/rloopd, else ~/.local/state/rloopd).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON to stdout (progress goes to stderr).")]
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[bold red]rloopd: error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def command(fn: Any) -> Any:
+    """Turn named errors into one line on stderr and their exit code, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except RloopdError as e:
+            raise fail(str(e), e.exit_code) from None
+        except sqlite3.OperationalError as e:
+            raise fail(f"event log: {e}", HomeError.exit_code) from None
+        except BrokenPipeError:
+            sys.stderr.close()
+            raise typer.Exit(0) from None
+
+    return wrapper
+
+
+def emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        out.print(f"rloopd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """rloopd runs autonomous ML research loops and records every step in an append-only, hash-chained log."""
+
+
+def main() -> None:
+    app()
+
+
+# Command modules register themselves on `app`; imported last so that they can import from here.
+from rloopd import cli_log  # noqa: E402,F401

@@ -1,0 +1,53 @@
+"""Named errors raised inside rloopd; only the CLI maps them to a message and an exit code."""
+
+
+class RloopdError(Exception):
+    """Base of every error the CLI turns into one line and exit code `exit_code`."""
+
+    exit_code = 2
+
+
+class HomeError(RloopdError):
+    """The home directory is missing, unwritable, or holds something that is not an rloopd home."""
+
+
+class LogCorrupt(RloopdError):
+    """events.db is not an rloopd event log (or not a database at all)."""
+
+
+class StaleRun(RloopdError):
+    """An append expected a stream position that another writer has already taken."""
+
+
+class StreamNotFound(RloopdError):
+    """No stream (run id, run name, batch:<id>, home) matches what was asked for."""
+
+
+class RunNotFound(StreamNotFound):
+    """No run matches the given id, id prefix or name."""
+
+
+class PayloadInvalid(RloopdError):
+    """An event payload does not validate against its model."""
+
+
+class UnknownEventType(RloopdError):
+    """An event type (or payload version) that this version of rloopd does not know."""
+
+
+class BlobMissing(RloopdError):
+    """An event names a blob that is not in the store."""
+
+
+class BlobCorrupt(RloopdError):
+    """A blob's bytes no longer hash to its name."""
+
+
+class AuditFailed(RloopdError):
+    """A hash chain, a stored payload or a blob does not verify."""
+
+    exit_code = 1
+
+
+class LabConfigError(RloopdError):
+    """rloop.toml (or a file it names) is malformed or incomplete."""

@@ -1,0 +1,328 @@
+"""The only writer of events: an append-only, hash-chained SQLite event log with per-stream chains.
+
+Layout and rules are DESIGN.md section 3. Every append runs in `BEGIN IMMEDIATE`, computes
+`hash = sha256(prev + canonical)` per event, and is idempotent by event id, so a client that retries
+after a lost acknowledgement never records an event twice. Triggers refuse UPDATE and DELETE; the
+chain (checked by `rloopd.audit`) catches anything that goes around them.
+
+Example:
+    log = EventLog.open(home / "events.db")
+    [ev] = log.append("home", [NewEvent("daemon.started", {"version": "0.1.0"})])
+    assert log.head("home") == (0, ev.hash)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+from pydantic import BaseModel
+
+from rloopd import events as ev
+from rloopd.errors import LogCorrupt, StaleRun, StreamNotFound
+
+APPLICATION_ID = 0x524C4F50  # "RLOP": marks an rloopd events.db
+SCHEMA_VERSION = 1
+SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS events (
+        seq    INTEGER PRIMARY KEY,
+        id     TEXT NOT NULL UNIQUE,
+        stream TEXT NOT NULL,
+        n      INTEGER NOT NULL,
+        type   TEXT NOT NULL,
+        v      INTEGER NOT NULL,
+        at     TEXT NOT NULL,
+        data   TEXT NOT NULL,
+        prev   TEXT NOT NULL,
+        hash   TEXT NOT NULL,
+        UNIQUE (stream, n)
+    )""",
+    "CREATE INDEX IF NOT EXISTS events_type ON events (type, seq)",
+    """CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
+       BEGIN SELECT RAISE(ABORT, 'events are append-only: UPDATE refused'); END""",
+    """CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
+       BEGIN SELECT RAISE(ABORT, 'events are append-only: DELETE refused'); END""",
+]
+
+
+def canonical_json(value: Any) -> str:
+    """The one serialization two machines agree on: sorted keys, no spaces, UTF-8 kept, no NaN."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def canonical_event(stream: str, n: int, type_: str, v: int, at: str, data_text: str) -> str:
+    """`canonical_json({"stream", "n", "type", "v", "at", "data"})` built around already-canonical data.
+
+    Equal to serializing the whole dict (sorted keys put "at" < "data" < "n" < "stream" < "type" < "v"),
+    without parsing and re-serializing the payload on the append path; a test checks the equality.
+    """
+    return (
+        '{"at":' + json.dumps(at) + ',"data":' + data_text + ',"n":' + str(n)
+        + ',"stream":' + json.dumps(stream, ensure_ascii=False) + ',"type":'
+        + json.dumps(type_, ensure_ascii=False) + ',"v":' + str(v) + "}"
+    )
+
+
+def chain_hash(prev: str, canonical: str) -> str:
+    return hashlib.sha256((prev + canonical).encode("utf-8")).hexdigest()
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class NewEvent:
+    """An event to append: its type, its payload (model or dict) and an id that makes retries no-ops."""
+
+    type: str
+    data: BaseModel | dict[str, Any]
+    id: str = field(default_factory=new_id)
+
+
+@dataclass(frozen=True)
+class Event:
+    seq: int
+    id: str
+    stream: str
+    n: int
+    type: str
+    v: int
+    at: str
+    data: dict[str, Any]
+    prev: str
+    hash: str
+
+    def payload(self) -> ev.Payload:
+        """The payload as today's model (older versions upcast)."""
+        return ev.decode(self.type, self.v, self.data)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq, "stream": self.stream, "n": self.n, "type": self.type, "v": self.v,
+            "at": self.at, "data": self.data, "prev": self.prev, "hash": self.hash, "id": self.id,
+        }
+
+
+_COLUMNS = "seq, id, stream, n, type, v, at, data, prev, hash"
+
+
+def _row_event(row: Sequence[Any]) -> Event:
+    return Event(row[0], row[1], row[2], row[3], row[4], row[5], row[6], json.loads(row[7]), row[8], row[9])
+
+
+class EventLog:
+    """One connection to events.db. Use one per thread; several processes may append concurrently."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path):
+        self.conn = conn
+        self.path = path
+        self.db = sqlite_utils.Database(conn)
+
+    @classmethod
+    def open(cls, path: Path, *, synchronous: str = "FULL", busy_timeout_ms: int = 30_000,
+             create: bool = True) -> EventLog:
+        """Open (and, with `create`, initialise) the log at `path`; refuse files that are not rloopd logs."""
+        path = Path(path)
+        synchronous = synchronous.upper()
+        if synchronous not in SYNCHRONOUS:
+            raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS)}, not {synchronous!r}")
+        if not create and not path.exists():
+            raise LogCorrupt(f"{path}: no event log here")
+        try:
+            conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout_ms / 1000,
+                                   check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.DatabaseError as e:
+            raise LogCorrupt(f"{path}: not an rloopd event log ({e})") from None
+        if app_id not in (0, APPLICATION_ID) or (app_id == 0 and tables):
+            conn.close()
+            raise LogCorrupt(f"{path}: not an rloopd event log (a different SQLite database)")
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {synchronous}")
+            if app_id == 0:
+                cls._create(conn)
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.DatabaseError as e:
+            conn.close()
+            raise LogCorrupt(f"{path}: cannot open the event log: {e}") from None
+        if version > SCHEMA_VERSION:
+            conn.close()
+            raise LogCorrupt(f"{path}: log schema v{version} is newer than this rloopd (v{SCHEMA_VERSION})")
+        return cls(conn, path)
+
+    @staticmethod
+    def _create(conn: sqlite3.Connection) -> None:
+        """Create the schema and stamp the file, in one transaction, so a racing creator sees all or nothing."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if conn.execute("PRAGMA application_id").fetchone()[0] == 0:
+                for statement in SCHEMA:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> EventLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- writing ---------------------------------------------------------------------------------
+
+    def append(self, stream: str, new: Iterable[NewEvent], *, expected_n: int | None = None,
+               prev: str | None = None) -> list[Event]:
+        """Append events to `stream` in one transaction and return them as stored.
+
+        `expected_n` is the position the first event must take (optimistic concurrency: another writer
+        got there first -> StaleRun). `prev` starts a new stream's chain from another hash (a fork's
+        parent event). Appending events whose ids are all stored already returns the stored ones.
+        """
+        new = list(new)
+        if not new:
+            return []
+        if not stream or stream != stream.strip():
+            raise StreamNotFound(f"invalid stream name {stream!r}")
+        prepared = []
+        for e in new:
+            data = ev.validate(e.type, e.data)
+            prepared.append((e.id, e.type, ev.current_version(e.type), canonical_json(data)))
+        ids = [p[0] for p in prepared]
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            stored = self._by_ids(ids)
+            if stored:
+                conn.execute("ROLLBACK")
+                if len(stored) != len(ids) or any(s.stream != stream for s in stored):
+                    raise StaleRun(f"stream {stream}: a retried append does not match what was stored")
+                return stored
+            head = conn.execute(
+                "SELECT n, hash FROM events WHERE stream = ? ORDER BY n DESC LIMIT 1", (stream,)
+            ).fetchone()
+            n, link = (head[0] + 1, head[1]) if head else (0, prev or "")
+            if expected_n is not None and expected_n != n:
+                raise StaleRun(f"stream {stream}: expected to append at n={expected_n}, but the next n is {n}")
+            at = utc_now()
+            rows = []
+            for id_, type_, v, data_text in prepared:
+                h = chain_hash(link, canonical_event(stream, n, type_, v, at, data_text))
+                rows.append((id_, stream, n, type_, v, at, data_text, link, h))
+                link, n = h, n + 1
+            conn.executemany(
+                "INSERT INTO events (id, stream, n, type, v, at, data, prev, hash) VALUES (?,?,?,?,?,?,?,?,?)",
+                rows,
+            )
+            first = conn.execute("SELECT last_insert_rowid()").fetchone()[0] - len(rows) + 1
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return [
+            Event(first + i, r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7], r[8])
+            for i, r in enumerate(rows)
+        ]
+
+    def append_one(self, stream: str, type_: str, data: BaseModel | dict[str, Any], **kw: Any) -> Event:
+        return self.append(stream, [NewEvent(type_, data)], **kw)[0]
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def _by_ids(self, ids: list[str]) -> list[Event]:
+        marks = ",".join("?" * len(ids))
+        rows = self.conn.execute(f"SELECT {_COLUMNS} FROM events WHERE id IN ({marks}) ORDER BY seq", ids)
+        return [_row_event(r) for r in rows]
+
+    def head(self, stream: str) -> tuple[int, str] | None:
+        """(n, hash) of the stream's last event, or None for an empty stream."""
+        row = self.conn.execute(
+            "SELECT n, hash FROM events WHERE stream = ? ORDER BY n DESC LIMIT 1", (stream,)
+        ).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def read(self, stream: str | None = None, *, types: Sequence[str] = (), after_seq: int = 0,
+             from_n: int = 0, until_n: int | None = None, limit: int | None = None) -> Iterator[Event]:
+        """Events in global order, filtered by stream, types, a seq position or a stream range."""
+        where, args = ["seq > ?"], [after_seq]
+        if stream is not None:
+            where.append("stream = ?")
+            args.append(stream)
+            if from_n:
+                where.append("n >= ?")
+                args.append(from_n)
+            if until_n is not None:
+                where.append("n <= ?")
+                args.append(until_n)
+        if types:
+            where.append(f"type IN ({','.join('?' * len(types))})")
+            args.extend(types)
+        sql = f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY seq"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        for row in self.conn.execute(sql, args).fetchall():
+            yield _row_event(row)
+
+    def follow(self, stream: str | None = None, *, types: Sequence[str] = (), after_seq: int = 0,
+               poll_seconds: float = 0.2, stop: Any = None) -> Iterator[Event]:
+        """Read, then keep yielding new events as other writers append them, until `stop()` is true."""
+        while True:
+            got = False
+            for e in self.read(stream, types=types, after_seq=after_seq):
+                after_seq, got = e.seq, True
+                yield e
+            if stop is not None and stop():
+                return
+            if not got:
+                time.sleep(poll_seconds)
+
+    def last_seq(self) -> int:
+        return self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+
+    def streams(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT DISTINCT stream FROM events ORDER BY stream")]
+
+    def runs(self) -> list[Event]:
+        """The `run.created` event of every run, oldest first."""
+        return list(self.read(types=["run.created"]))
+
+    def resolve(self, name: str) -> str:
+        """A stream from `home`, `batch:<id>`, a run id, a unique run-id prefix, or a run name."""
+        if name in ("home",) or name.startswith("batch:"):
+            if self.head(name) is None:
+                raise StreamNotFound(f"no stream {name!r} in {self.path}")
+            return name
+        runs = self.runs()
+        for pool in ([r for r in runs if r.stream == name], [r for r in runs if r.data.get("name") == name],
+                     [r for r in runs if r.stream.startswith(name)]):
+            ids = sorted({r.stream for r in pool})
+            if len(ids) == 1:
+                return ids[0]
+            if len(ids) > 1:
+                raise StreamNotFound(f"{name!r} is ambiguous: it matches runs {', '.join(ids)}")
+        raise StreamNotFound(f"no run or stream named {name!r} in {self.path}")
