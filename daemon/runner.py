@@ -1,0 +1,132 @@
+"""Run one experiment: the lab's entry point (the judge) in its own process group, under a hard timeout.
+
+The runner hands the judge a snapshot of the workspace, the sandbox prefix for its children, the data
+secrets on an inherited pipe (never an argument, a variable or a file a child can read), a private cache
+and a scratch root, and reads back only the result file the judge writes. The children's output goes to a
+log file that is stored as a blob and never parsed for the metric. Killing the process group ends the
+judge and every child it started, whatever they do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STATUSES = ("ok", "crashed", "oom", "timeout", "invalid", "interrupted")
+GRACE_SECONDS = 60  # over the lab's own hard timeout, for data loading and evaluation
+
+
+@dataclass
+class Experiment:
+    command: list[str]  # the entry point, e.g. [python, /judge/frozen/experiment.py]
+    workspace: Path  # snapshot of the workspace to train (read by the judge, copied for its children)
+    budget: str
+    timeout: float
+    seed: int
+    secrets: bytes
+    sandbox: list[str]
+    cache: Path
+    scratch: Path
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    status: str
+    metrics: dict[str, Any]
+    log: bytes
+    wall_seconds: float
+    model: Path | None = None
+    reason: str | None = None
+
+
+class Interrupted(Exception):
+    """The experiment was ended from outside (Ctrl-C, stop, pause, shutdown)."""
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def run_experiment(exp: Experiment, stop: threading.Event | None = None) -> Outcome:
+    """Run the judge to completion, to its hard timeout, or until `stop` is set (raises Interrupted)."""
+    exp.scratch.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="exp-", dir=exp.scratch))
+    work.chmod(0o755)  # the judge's children run as another uid and must reach their scratch root
+    result_path, log_path = work / "result.json", work / "train.log"
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, exp.secrets)  # small: fits in the pipe buffer
+    os.close(write_fd)
+    cmd = [*exp.command, "--workspace", str(exp.workspace), "--result", str(result_path),
+           "--budget", exp.budget, "--timeout", str(exp.timeout), "--seed", str(exp.seed),
+           "--secrets-fd", str(read_fd), "--sandbox", " ".join(_quote(w) for w in exp.sandbox),
+           "--cache", str(exp.cache), "--scratch", str(work), "--log", str(log_path), *exp.extra_args]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RLOOPD_")} | exp.env
+    t0 = time.monotonic()
+    with open(work / "judge.log", "wb") as judge_log:
+        proc = subprocess.Popen(cmd, stdout=judge_log, stderr=subprocess.STDOUT, pass_fds=(read_fd,),
+                                start_new_session=True, env=env, cwd=work)
+    os.close(read_fd)
+    deadline = t0 + exp.timeout * 2 + GRACE_SECONDS
+    status = None
+    try:
+        while proc.poll() is None:
+            if stop is not None and stop.wait(0.05):
+                _kill_group(proc)
+                raise Interrupted("stopped")
+            if stop is None:
+                time.sleep(0.05)
+            if time.monotonic() > deadline:
+                _kill_group(proc)
+                status = "timeout"
+    except KeyboardInterrupt:
+        _kill_group(proc)
+        raise Interrupted("interrupted by Ctrl-C") from None
+    finally:
+        if proc.poll() is None:
+            _kill_group(proc)
+        else:
+            try:  # children that outlived the judge
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    wall = time.monotonic() - t0
+    log = _read(work / "judge.log") + _read(log_path)
+    if status == "timeout":
+        return Outcome("timeout", {}, log, wall, reason="the judge passed its hard deadline")
+    try:
+        result = json.loads(result_path.read_text())
+    except (OSError, ValueError):
+        return Outcome("crashed", {}, log, wall, reason=f"the judge exited {proc.returncode} without a result")
+    status = result.get("status")
+    if status not in STATUSES:
+        return Outcome("crashed", {}, log, wall, reason=f"the judge reported an unknown status {status!r}")
+    metrics = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    model = work / "model.pt"
+    return Outcome(status, metrics, log, wall, model if model.exists() else None, result.get("reason"))
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
+def _quote(word: str) -> str:
+    import shlex
+
+    return shlex.quote(word)

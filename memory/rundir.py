@@ -1,0 +1,92 @@
+"""The run directory the agent sees, projected from the log: program.md, frozen/, memory/.
+
+`runs/<run>/` is laid out like a lab (DESIGN section 5): `program.md` (the version in force, read-only),
+`workspace/` (restored from snapshots by the loop, not here), `frozen/` (the lab's public frozen files;
+private ones never), and `memory/` with `results.tsv`, `notes.md`, `artifacts/` and the best checkpoint.
+Everything here is rebuilt from events and blobs; what is not in the log does not survive.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rloopd.blobs import BlobStore
+from rloopd.log import Event
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class MemoryFiles:
+    """The fold of `memory.written`, `checkpoint.saved` (accepted) and `program.changed` events."""
+
+    program_blob: str | None = None
+    files: dict[str, str] = field(default_factory=dict)  # path inside memory/ -> blob
+    checkpoint_blob: str | None = None
+    pending_checkpoint: dict[int, str] = field(default_factory=dict)
+
+    def apply(self, e: Event) -> None:
+        d: dict[str, Any] = e.data
+        if e.type == "run.created":
+            self.program_blob = d.get("program_blob")
+        elif e.type == "program.changed":
+            self.program_blob = d["program_blob"]
+        elif e.type == "memory.written":
+            if d.get("blob"):
+                self.files[d["path"]] = d["blob"]
+            else:
+                self.files.pop(d["path"], None)
+        elif e.type == "checkpoint.saved":
+            self.pending_checkpoint[d["step"]] = d["blob"]
+        elif e.type == "experiment.decided":
+            blob = self.pending_checkpoint.pop(d["step"], None)
+            if d["accepted"] and blob:
+                self.checkpoint_blob = blob
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace `path` whole, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def materialize_frozen(run_dir: Path, manifest: list[dict[str, Any]], blobs: BlobStore) -> None:
+    """Copy the lab's public frozen files into runs/<run>/frozen/, read-only; private ones never."""
+    for entry in manifest:
+        if entry["role"] != "frozen" or not entry.get("blob"):
+            continue
+        rel = Path(entry["path"])
+        dest = run_dir / rel if rel.parts[0] == "frozen" else run_dir / "frozen" / rel
+        write_atomic(dest, blobs.get(entry["blob"]), stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+
+
+def project_memory(run_dir: Path, mem: MemoryFiles, blobs: BlobStore, results_tsv: str) -> None:
+    """Write program.md and memory/ from the fold; results.tsv from the experiments projection."""
+    if mem.program_blob:
+        write_atomic(run_dir / "program.md", blobs.get(mem.program_blob), 0o444)
+    memory = run_dir / "memory"
+    (memory / "artifacts").mkdir(parents=True, exist_ok=True)
+    write_atomic(memory / "results.tsv", results_tsv.encode(), 0o444)
+    notes = memory / "notes.md"
+    if "notes.md" in mem.files:
+        write_atomic(notes, blobs.get(mem.files["notes.md"]))
+    elif not notes.exists():
+        write_atomic(notes, b"")
+    for path, blob in mem.files.items():
+        if path != "notes.md":
+            write_atomic(memory / path, blobs.get(blob))
+    if mem.checkpoint_blob:
+        write_atomic(memory / CHECKPOINT, blobs.get(mem.checkpoint_blob), 0o444)

@@ -1,0 +1,89 @@
+"""Run state as a pure fold over a run's events: `apply(state, event) -> state`, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from rloopd.log import Event
+
+TERMINAL = {"finished", "stopped", "failed", "archived"}
+
+
+@dataclass(frozen=True)
+class Attempt:
+    step: int
+    replica: int
+    attempt: int
+    commit: str
+
+
+@dataclass(frozen=True)
+class RunState:
+    run: str = ""
+    name: str = ""
+    status: str = "new"  # running, paused, stopped, finished, failed, archived
+    created: dict[str, Any] = field(default_factory=dict)
+    metric: str = "val_bpb"
+    direction: str = "minimize"
+    step: int = -1  # last step started
+    best: float | None = None
+    best_step: int | None = None
+    best_commit: str | None = None
+    base_commit: str = ""
+    experiments: int = 0  # steps >= 1 with a finish that is not interrupted
+    valid: int = 0
+    accepted: int = 0  # accepted experiments (steps >= 1)
+    sessions: int = 0
+    restarts: int = 0
+    last_end_reason: str | None = None
+    program_blob: str | None = None
+    in_flight: Attempt | None = None
+    last_status: str | None = None
+    checkpoint_blob: str | None = None
+    position: int = -1  # n of the last event folded
+
+
+def apply(state: RunState, e: Event) -> RunState:
+    """Fold one event into the state (unknown types only move the position)."""
+    d, s = e.data, replace(state, position=e.n)
+    t = e.type
+    if t == "run.created":
+        return replace(s, run=e.stream, name=d["name"], status="running", created=d,
+                       metric=d.get("metric", "val_bpb"), direction=d.get("direction", "minimize"),
+                       base_commit=d.get("base_commit", ""), best_commit=d.get("base_commit") or None,
+                       program_blob=d.get("program_blob"))
+    if t == "experiment.started":
+        return replace(s, step=max(s.step, d["step"]),
+                       in_flight=Attempt(d["step"], d.get("replica", 0), d.get("attempt", 0), d["commit"]))
+    if t == "experiment.finished":
+        counted = d["step"] >= 1 and d.get("replica", 0) == 0 and d["status"] != "interrupted"
+        return replace(s, in_flight=None, last_status=d["status"],
+                       experiments=s.experiments + counted, valid=s.valid + (counted and d["status"] == "ok"))
+    if t == "checkpoint.saved":
+        return replace(s, checkpoint_blob=d["blob"])
+    if t == "experiment.decided":
+        if not d["accepted"]:
+            return s
+        return replace(s, best=d["best_after"], best_step=d["step"], best_commit=d.get("best_commit") or s.best_commit,
+                       accepted=s.accepted + (d["step"] >= 1))
+    if t == "program.changed":
+        return replace(s, program_blob=d["program_blob"])
+    if t == "session.started":  # a restart: a session opened because the agent ended the one before
+        return replace(s, sessions=s.sessions + 1, restarts=s.restarts + (s.last_end_reason == "agent-exit"))
+    if t == "session.ended":
+        return replace(s, last_end_reason=d["reason"])
+    if t in ("run.paused", "run.resumed", "run.stopped", "run.finished", "run.archived"):
+        status = {"run.paused": "paused", "run.resumed": "running", "run.stopped": "stopped",
+                  "run.finished": "finished", "run.archived": "archived"}[t]
+        if t == "run.finished" and d.get("reason") == "failed":
+            status = "failed"
+        return replace(s, status=status)
+    return s
+
+
+def fold(events: list[Event], state: RunState | None = None) -> RunState:
+    state = state or RunState()
+    for e in events:
+        state = apply(state, e)
+    return state

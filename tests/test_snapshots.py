@@ -1,0 +1,53 @@
+"""Workspace snapshots in the home's git repository, made and restored from outside the workspace."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from rloopd.snapshots import Snapshots
+
+from .conftest import need_tool
+
+
+def test_commit_restore_diff_round_trip(tmp_path):
+    need_tool("git")
+    ws = tmp_path / "ws"
+    (ws / "sub").mkdir(parents=True)
+    (ws / "train.py").write_text("LR = 0.1\n")
+    (ws / "sub" / "run.sh").write_text("#!/bin/sh\n")
+    os.chmod(ws / "sub" / "run.sh", 0o755)
+    (ws / "link").symlink_to("/etc/hostname")
+    (ws / "__pycache__").mkdir()
+    (ws / "__pycache__" / "x.pyc").write_bytes(b"junk")
+    snaps = Snapshots(tmp_path / "git")
+    c1 = snaps.commit(ws, run="r", ref="s0", message="baseline")
+    assert snaps.read(c1, "train.py") == b"LR = 0.1\n"
+    (ws / "train.py").write_text("LR = 0.2\n")
+    (ws / "new.py").write_text("x = 1\n")
+    c2 = snaps.commit(ws, run="r", ref="s1", message="lr", parent=c1)
+    assert "-LR = 0.1" in snaps.diff(c1, c2) and "+x = 1" in snaps.diff(c1, c2)
+    snaps.restore(c1, ws)
+    assert (ws / "train.py").read_text() == "LR = 0.1\n" and not (ws / "new.py").exists()
+    assert os.access(ws / "sub" / "run.sh", os.X_OK) and os.readlink(ws / "link") == "/etc/hostname"
+    assert snaps.tree_equal(c1, ws) and not snaps.tree_equal(c2, ws)
+    # the same tree on the same parent gives the same commit id: fixed dates, no host config
+    assert snaps.commit(ws, run="r", ref="again", message="baseline") == c1
+
+
+def test_agent_git_dir_and_hooks_are_ignored(tmp_path):
+    need_tool("git")
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "train.py").write_text("A = 1\n")
+    subprocess.run(["git", "init", "-q", str(ws)], check=True)
+    hook = ws / ".git" / "hooks" / "pre-commit"
+    hook.write_text(f"#!/bin/sh\ntouch {tmp_path}/hook-ran\n")
+    hook.chmod(0o755)
+    (ws / ".gitignore").write_text("train.py\n")
+    snaps = Snapshots(tmp_path / "git")
+    c = snaps.commit(ws, run="r", ref="s0", message="m")
+    assert snaps.read(c, "train.py") == b"A = 1\n", "a workspace .gitignore must not hide files"
+    assert not (tmp_path / "hook-ran").exists()
+    snaps.restore(c, ws)
+    assert (ws / ".git" / "HEAD").exists(), "the agent's own repository is left alone"
