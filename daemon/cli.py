@@ -71,8 +71,25 @@ def root(
 
 
 def main() -> None:
-    app()
+    """Run the CLI; usage errors too become one line on stderr and exit 2, never a box or a traceback."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        err.print("rloopd: aborted", highlight=False)
+        code = 130
+    except Exception as e:  # typer vendors click: match its exceptions by shape, not by import path
+        if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
+            raise
+        ctx = getattr(e, "ctx", None)
+        if type(e).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            print(ctx.get_help())
+            code = 0
+        else:
+            where = f"{ctx.command_path}: " if ctx is not None else ""
+            err.print(f"rloopd: error: {where}{e.format_message()}", markup=False, highlight=False, soft_wrap=True)
+            code = e.exit_code
+    sys.exit(code or 0)
 
 
 # Command modules register themselves on `app`; imported last so that they can import from here.
-from rloopd import cli_log  # noqa: E402,F401
+from rloopd import cli_log, cli_run  # noqa: E402,F401

@@ -84,24 +84,3 @@ def audit_cmd(
     if not report.ok:
         err.print(f"rloopd: audit failed: {report.first()}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
-
-
-
-
-@app.command("demo")
-@command
-def demo_cmd(home: HomeOpt = None) -> None:
-    """Write a small scripted run (fixed numbers, no training) into the log, then print and audit it.
-
-    Example: rloopd demo --home /tmp/rloopd-demo
-    """
-    from rloopd.demo import scripted_run
-
-    with Home.open(home) as h:
-        run = scripted_run(h)
-        err.print("[yellow]scripted demo: no training yet; these events show the log's shape[/]", markup=True)
-        for e in h.log.read(run):
-            out.print(f"{e.n:>3}  [bold]{e.type:<20}[/] {summarize(e, 80)}", markup=True, highlight=False)
-        report = run_audit(h.log, h.blobs, [run])
-        out.print(f"audit: {'ok' if report.ok else report.first()}  head {report.streams[0].head}")
-        out.print(f"home: {h.path}  (inspect with: rloopd log {run} --home {h.path})")

@@ -7,6 +7,7 @@ The home is `--home`, else `$RLOOPD_HOME`, else `$XDG_STATE_HOME/rloopd`, else `
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 from rloopd.blobs import BlobStore
 from rloopd.errors import HomeError
 from rloopd.log import EventLog
+from rloopd.snapshots import Snapshots
 
 
 def default_home() -> Path:
@@ -23,7 +25,7 @@ def default_home() -> Path:
     return Path(state) / "rloopd"
 
 
-@dataclass
+@dataclass(eq=False)
 class Home:
     path: Path
     log: EventLog
@@ -60,3 +62,7 @@ class Home:
 
     def run_dir(self, run_id: str) -> Path:
         return self.path / "runs" / run_id
+
+    @functools.cached_property
+    def snapshots(self) -> Snapshots:
+        return Snapshots(self.path / "git")

@@ -80,7 +80,7 @@ def run_experiment(exp: Experiment, stop: threading.Event | None = None) -> Outc
         proc = subprocess.Popen(cmd, stdout=judge_log, stderr=subprocess.STDOUT, pass_fds=(read_fd,),
                                 start_new_session=True, env=env, cwd=work)
     os.close(read_fd)
-    deadline = t0 + exp.timeout * 2 + GRACE_SECONDS
+    deadline = t0 + exp.timeout * 2 + min(GRACE_SECONDS, 5 * exp.timeout)  # two children, then a backstop
     status = None
     try:
         while proc.poll() is None:
@@ -114,7 +114,8 @@ def run_experiment(exp: Experiment, stop: threading.Event | None = None) -> Outc
     status = result.get("status")
     if status not in STATUSES:
         return Outcome("crashed", {}, log, wall, reason=f"the judge reported an unknown status {status!r}")
-    metrics = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics = {k: v for k, v in result.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("schema", "seed")}
     model = work / "model.pt"
     return Outcome(status, metrics, log, wall, model if model.exists() else None, result.get("reason"))
 

@@ -55,12 +55,14 @@ def _reexpose(keep: Path, hidden: Path) -> list[str]:
     return words + ["--ro-bind", str(keep), str(keep)]
 
 
-def training_sandbox(run: str, *, hide: list[Path], kind: str = "auto",
+def training_sandbox(run: str, *, hide: list[Path], scratch: Path | None = None, kind: str = "auto",
                      uid_range: tuple[int, int] = UID_RANGE) -> Sandbox:
     """The prefix for a run's training children. `hide` lists directories to mask (home, lab).
 
     `kind`: "auto" (bwrap if installed, else setpriv as root, else none), or one of those names.
-    The daemon user's own home directory is always hidden too (credentials, caches).
+    The daemon user's own home directory and /tmp are always hidden too (credentials, caches). `scratch`
+    (the run's scratch root, where the judge makes `{base}`) stays visible read-only with traversable
+    parents, so that bwrap can bind `{base}` writable inside it.
     """
     bwrap = shutil.which("bwrap")
     root = os.geteuid() == 0
@@ -79,11 +81,14 @@ def training_sandbox(run: str, *, hide: list[Path], kind: str = "auto",
         args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP"]
     else:
         args += ["--unshare-user"]
-    args += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    args += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
     for dev in sorted(Path("/dev").glob("nvidia*")):
         args += ["--dev-bind", str(dev), str(dev)]
     keep = {Path(p).resolve() for p in (sys.prefix, sys.base_prefix, Path(sys.executable).resolve().parent.parent)}
-    hidden = sorted({Path(d).resolve() for d in [*hide, Path.home()] if Path(d).exists()}, key=lambda p: len(p.parts))
+    if scratch is not None:
+        keep.add(Path(scratch).resolve())
+    hidden = sorted({Path(d).resolve() for d in [*hide, Path.home(), Path("/tmp")] if Path(d).exists()},
+                    key=lambda p: len(p.parts))
     for d in hidden:
         if any(_within(d, h) and d != h for h in hidden):
             continue  # already hidden by a parent

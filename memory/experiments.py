@@ -74,7 +74,7 @@ class ExperimentsTable:
                 apply(rows, e, metric_of)
             cols = list(COLUMNS)
             conn.executemany(
-                f"INSERT OR REPLACE INTO experiments ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                f"INSERT OR REPLACE INTO experiments ({', '.join(f'[{c}]' for c in cols)}) VALUES ({', '.join('?' * len(cols))})",
                 [[r[c] for c in cols] for r in rows.values()])
             last = max((e.seq for e in new), default=after)
             conn.execute("INSERT OR REPLACE INTO projection_positions (name, seq) VALUES (?, ?)", (self.NAME, last))

@@ -39,6 +39,7 @@ class RunState:
     last_end_reason: str | None = None
     program_blob: str | None = None
     in_flight: Attempt | None = None
+    retry: Attempt | None = None  # an interrupted attempt, to be started again as the next attempt
     last_status: str | None = None
     checkpoint_blob: str | None = None
     position: int = -1  # n of the last event folded
@@ -54,11 +55,14 @@ def apply(state: RunState, e: Event) -> RunState:
                        base_commit=d.get("base_commit", ""), best_commit=d.get("base_commit") or None,
                        program_blob=d.get("program_blob"))
     if t == "experiment.started":
-        return replace(s, step=max(s.step, d["step"]),
+        return replace(s, step=max(s.step, d["step"]), retry=None,
                        in_flight=Attempt(d["step"], d.get("replica", 0), d.get("attempt", 0), d["commit"]))
     if t == "experiment.finished":
         counted = d["step"] >= 1 and d.get("replica", 0) == 0 and d["status"] != "interrupted"
-        return replace(s, in_flight=None, last_status=d["status"],
+        retry = None
+        if d["status"] == "interrupted":
+            retry = Attempt(d["step"], d.get("replica", 0), d.get("attempt", 0) + 1, "")
+        return replace(s, in_flight=None, last_status=d["status"], retry=retry,
                        experiments=s.experiments + counted, valid=s.valid + (counted and d["status"] == "ok"))
     if t == "checkpoint.saved":
         return replace(s, checkpoint_blob=d["blob"])

@@ -58,8 +58,11 @@ def test_console_script_is_installed():
     assert subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.startswith("rloopd ")
 
 
+INSTANT = str(Path(__file__).parent / "labs" / "instant")
+
+
 def test_log_json_lines_and_filters(home_dir):
-    rloopd("demo", home=home_dir, check=True)
+    rloopd("run", "--lab", INSTANT, "-n", "3", home=home_dir, check=True)
     runs = json.loads(rloopd("audit", "--json", home=home_dir, check=True).stdout)["streams"]
     run = runs[0]["stream"]
     lines = rloopd("log", run, "--json", home=home_dir, check=True).stdout.splitlines()
@@ -70,6 +73,7 @@ def test_log_json_lines_and_filters(home_dir):
     assert {json.loads(x)["type"] for x in decided.stdout.splitlines()} == {"experiment.decided"}
     name = events[0]["data"]["name"]
     assert rloopd("log", name, home=home_dir, check=True).stdout.count("experiment.started") == 4
+    assert rloopd("log", run, "--type", "nonsense.type", home=home_dir).stdout == ""
 
 
 def test_log_follow_sees_new_events(home_dir, home):
@@ -143,7 +147,7 @@ def test_home_not_writable(public_tmp):
         home.log.append_one("home", "daemon.started", {"version": "x"})
     before = (home_dir / "events.db").stat().st_size
     env = {**os.environ, "NO_COLOR": "1", "HOME": "/tmp"}
-    for args in (["demo"], ["log", "home"], ["audit"]):
+    for args in (["run", "--lab", INSTANT], ["log", "home"], ["audit"]):
         proc = subprocess.run([*as_nobody(), sys.executable, "-m", "rloopd", *args, "--home", str(home_dir)],
                               capture_output=True, text=True, env=env)
         assert_one_line_error(proc, 2, str(home_dir), "not writable")
@@ -152,15 +156,16 @@ def test_home_not_writable(public_tmp):
 
 
 def test_uncreatable_home(public_tmp):
-    proc = subprocess.run([*as_nobody(), sys.executable, "-m", "rloopd", "demo", "--home", str(public_tmp / "h")],
+    proc = subprocess.run([*as_nobody(), sys.executable, "-m", "rloopd", "run", "--lab", INSTANT,
+                           "--home", str(public_tmp / "h")],
                           capture_output=True, text=True, env={**os.environ, "HOME": "/tmp"})
     assert_one_line_error(proc, 2, "cannot create the home")
 
 
 def test_home_from_environment(tmp_path):
     env = {"RLOOPD_HOME": str(tmp_path / "envhome")}
-    rloopd("demo", env=env, check=True)
+    rloopd("run", "--lab", INSTANT, "-n", "0", env=env, check=True)
     assert (tmp_path / "envhome" / "events.db").exists()
     env = {"XDG_STATE_HOME": str(tmp_path / "xdg"), "RLOOPD_HOME": ""}
-    rloopd("demo", env=env, check=True)
+    rloopd("run", "--lab", INSTANT, "-n", "0", env=env, check=True)
     assert (tmp_path / "xdg" / "rloopd" / "events.db").exists()

@@ -1,0 +1,1 @@
+"""Agents: the built-in policies (random) and, later, coding-agent adapters."""

@@ -1,0 +1,155 @@
+"""Creating runs and the files a run needs beside its events: judge copy, secrets, workspace state.
+
+A run is created from a lab directory once: its files go into the blob store (the manifest), its
+workspace into the snapshot repository (the base commit), its resolved configuration into `run.created`.
+From then on nothing is read from the lab directory except program.md, which the daemon watches; the
+judge runs from a private copy of the frozen files rebuilt from blobs and checked against the manifest
+before every experiment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from rloopd.errors import LabConfigError
+from rloopd.home import Home
+from rloopd.lab import Lab, load_lab
+from rloopd.log import NewEvent, canonical_json, new_id
+from rloopd.memory.rundir import materialize_frozen
+from rloopd.memory.state import RunState
+from rloopd.sandbox import training_sandbox
+
+
+def new_run_id() -> str:
+    return new_id()[:12]
+
+
+def lab_secrets(home: Home) -> bytes:
+    """The data seed and the hidden split's secret of this home; created once, readable by its owner only."""
+    path = home.path / "secrets" / "lab.json"
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        data = json.dumps({"data_seed": secrets.randbelow(2**31), "test_secret": secrets.token_hex(16)})
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(data)
+    return path.read_bytes()
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def build_manifest(home: Home, lab: Lab) -> list[dict[str, Any]]:
+    """Every lab file with its sha256, stored as a blob (written and fsynced before run.created names it)."""
+    files = [(f.path, "private" if f.private else f.role) for f in lab.manifest()]
+    files += [(lab.program, "program"), ("rloop.toml", "other")]
+    entries = []
+    for rel, role in files:
+        data = (lab.root / rel).read_bytes()
+        entries.append({"path": rel, "sha256": hashlib.sha256(data).hexdigest(), "blob": home.blobs.put(data),
+                        "role": role})
+    return entries
+
+
+def lab_from_config(config: dict[str, Any], root: Path) -> Lab:
+    """The lab as recorded on run.created, rooted at `root` (the judge's copy)."""
+    lab = Lab.model_validate(config)
+    lab._root = root
+    return lab
+
+
+def with_budget(lab: Lab, budget: str) -> Lab:
+    """The lab with another budget, checked like rloop.toml's (a bad one names --budget)."""
+    try:
+        return lab_from_config({**lab.model_dump(mode="json"), "budget": budget}, lab.root)
+    except ValidationError as e:
+        raise LabConfigError(f"--budget {budget}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+
+
+def create_run(home: Home, lab_dir: Path, *, agent: str, experiments: int | None, budget: str | None,
+               seed: int, name: str | None, sandbox: str = "auto") -> str:
+    """Validate everything first, then append `run.created`; nothing is written on a bad argument."""
+    from rloopd.agents.random_search import parse_agent
+
+    lab = load_lab(lab_dir)
+    for word in lab.command:
+        if "{lab}" in word and not Path(word.replace("{lab}", str(lab.root))).exists():
+            raise LabConfigError(f"{lab.root / 'rloop.toml'}: command: {word.replace('{lab}', str(lab.root))} "
+                                 "does not exist (the entry point)")
+    parse_agent(agent)
+    if budget is not None:
+        lab = with_budget(lab, budget)
+    if experiments is not None and experiments < 0:
+        raise LabConfigError(f"--experiments {experiments}: must be 0 or more")
+    if name and any(e.data.get("name") == name for e in home.log.runs()):
+        raise LabConfigError(f"--name {name!r}: a run with that name exists already")
+    box = training_sandbox("probe", hide=[], kind=sandbox)
+    run = new_run_id()
+    manifest = build_manifest(home, lab)
+    program = (lab.root / lab.program).read_bytes()
+    workspace_src = lab.root / "workspace"
+    base = home.snapshots.commit(workspace_src, run=run, ref="base", message="base workspace")
+    home.log.append(run, [NewEvent("run.created", {
+        "name": name or f"{lab.name}-{run[:6]}", "lab": str(lab.root), "manifest": manifest,
+        "config": lab.model_dump(mode="json"), "metric": lab.metric.name, "direction": lab.metric.direction,
+        "agent": agent,
+        "budget": lab.budget, "experiments": experiments, "seed": seed, "base_commit": base,
+        "program_blob": home.blobs.put(program), "sandbox": box.kind,
+        "search_space": {"editable": lab.editable}})], expected_n=0)
+    run_dir = home.run_dir(run)
+    home.snapshots.restore(base, run_dir / "workspace")
+    materialize_frozen(run_dir, manifest, home.blobs)
+    return run
+
+
+def manifest_digest(created: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(created["manifest"]).encode()).hexdigest()[:16]
+
+
+def judge_dir(home: Home, created: dict[str, Any]) -> Path:
+    """The judge's private copy of the lab (frozen files, private ones included), rebuilt from blobs."""
+    root = home.path / "labs" / manifest_digest(created)
+    if not (root / ".complete").exists():
+        tmp = root.with_name(root.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        for entry in created["manifest"]:
+            dest = tmp / entry["path"]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(home.blobs.get(entry["blob"]))
+        (tmp / ".complete").write_text("")
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(tmp, root)
+    return root
+
+
+def check_manifest(home: Home, created: dict[str, Any]) -> None:
+    """Before each experiment: the judge's copy must match the manifest; a changed copy is rebuilt."""
+    root = judge_dir(home, created)
+    for entry in created["manifest"]:
+        if entry["role"] in ("frozen", "private"):
+            path = root / entry["path"]
+            if not path.exists() or _digest(path) != entry["sha256"]:
+                shutil.rmtree(root)
+                judge_dir(home, created)
+                return
+
+
+def run_lab(home: Home, state: RunState) -> Lab:
+    """The lab as recorded at creation (its configuration), rooted at the judge's copy."""
+    return lab_from_config(state.created["config"], judge_dir(home, state.created))
+
+
+def restore_workspace(home: Home, state: RunState, workspace: Path) -> None:
+    """Put the run's workspace at its best commit (the base commit before any acceptance)."""
+    target = state.best_commit or state.base_commit
+    if not workspace.exists() or not home.snapshots.tree_equal(target, workspace):
+        home.snapshots.restore(target, workspace)

@@ -1,0 +1,145 @@
+"""What the read commands show: summaries, tables and step details built from the log and projections."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console, Group
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from rloopd.errors import RloopdError
+from rloopd.home import Home
+from rloopd.log import Event
+from rloopd.memory.experiments import ExperimentsTable
+from rloopd.memory.state import RunState, fold
+
+
+class StepNotFound(RloopdError):
+    """A step that the run has not started."""
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def floor_of(metrics: dict[str, Any], metric: str) -> float | None:
+    """The lab's floor for its metric where it reports one (the reference lab: oracle_bpb for val_bpb)."""
+    return metrics.get("oracle_" + metric.split("_")[-1])
+
+
+class LiveTable:
+    """The foreground run's live view: a progress bar over experiments and one row per finished step."""
+
+    def __init__(self, created: dict[str, Any], total: int | None):
+        self.metric, self.total = created.get("metric", "val_bpb"), total
+        self.rows: dict[int, dict[str, Any]] = {}
+        self.best: float | None = None
+
+    def add(self, e: Event) -> None:
+        d = e.data
+        if e.type == "experiment.started":
+            self.rows[d["step"]] = {"step": d["step"], "description": d.get("description", ""), "status": "running"}
+        elif e.type == "experiment.finished" and d["step"] in self.rows:
+            self.rows[d["step"]].update(status=d["status"], value=d["metrics"].get(self.metric),
+                                        seconds=d.get("wall_seconds"))
+        elif e.type == "experiment.decided" and d["step"] in self.rows:
+            self.rows[d["step"]]["accepted"] = d["accepted"]
+            self.best = d.get("best_after")
+
+    def render(self) -> Group:
+        table = Table(title=None, expand=False)
+        for col in ("step", "description", self.metric, "status", "kept", "s"):
+            table.add_column(col, justify="right" if col in ("step", self.metric, "s") else "left")
+        for r in list(self.rows.values())[-12:]:
+            kept = {True: "[green]yes[/]", False: "no"}.get(r.get("accepted"), "")
+            table.add_row(str(r["step"]), r["description"][:60], _fmt(r.get("value")), r["status"], kept,
+                          _fmt(r.get("seconds")))
+        done = sum(1 for r in self.rows.values() if r["step"] >= 1 and "accepted" in r)
+        parts: list[Any] = [table]
+        if self.total:
+            parts.append(Text(f"experiments {done}/{self.total}   best {self.metric} {_fmt(self.best)}"))
+            parts.append(ProgressBar(total=self.total, completed=done, width=50))
+        return Group(*parts)
+
+
+def run_summary(h: Home, state: RunState) -> dict[str, Any]:
+    """The JSON object `rloopd run --json` ends with."""
+    metric = state.metric
+    floor = None
+    for e in h.log.read(state.run, types=["experiment.finished"]):
+        floor = floor_of(e.data["metrics"], metric) or floor
+    return {"run_id": state.run, "name": state.name, "status": state.status, "metric": metric,
+            "direction": state.direction, "experiments": state.experiments, "valid": state.valid,
+            "accepted": state.accepted, "best": state.best, "best_step": state.best_step,
+            "best_commit": state.best_commit, "floor": floor, "run_dir": str(h.run_dir(state.run))}
+
+
+def print_summary(console: Console, s: dict[str, Any]) -> None:
+    gap = "" if s["best"] is None or s["floor"] is None else f" ({s['best'] - s['floor']:+.4f} from the floor)"
+    console.print(f"run {s['run_id']} ({s['name']}): {s['status']}; {s['experiments']} experiments, "
+                  f"{s['valid']} valid, {s['accepted']} accepted")
+    console.print(f"best {s['metric']} {_fmt(s['best'])} at step {s['best_step']}; floor {_fmt(s['floor'])}{gap}")
+
+
+def status_rows(h: Home) -> list[dict[str, Any]]:
+    rows = []
+    for created in h.log.runs():
+        st = fold(list(h.log.read(created.stream)))
+        rows.append({"run_id": st.run, "name": st.name, "status": st.status, "agent": created.data["agent"],
+                     "step": st.step, "experiments": st.experiments, "accepted": st.accepted,
+                     "metric": st.metric, "best": st.best, "best_step": st.best_step, "created": created.at})
+    return rows
+
+
+def status_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table()
+    for col in ("run", "name", "status", "agent", "step", "exps", "kept", "best"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["run_id"], r["name"], r["status"], r["agent"], str(r["step"]), str(r["experiments"]),
+                      str(r["accepted"]), f"{r['metric']} {_fmt(r['best'])}")
+    return table
+
+
+def step_detail(h: Home, run: str, step: int) -> dict[str, Any]:
+    events = [e for e in h.log.read(run) if e.data.get("step") == step and e.type.startswith(("experiment.", "checkpoint."))]
+    started = [e for e in events if e.type == "experiment.started"]
+    if not started:
+        raise StepNotFound(f"run {run} has no step {step}")
+    last = started[-1].data
+    finished = [e.data for e in events if e.type == "experiment.finished" and e.data["attempt"] == last["attempt"]]
+    decided = [e.data for e in events if e.type == "experiment.decided"]
+    diff = h.blobs.get_text(last["diff_blob"]) if last.get("diff_blob") else ""
+    return {"run_id": run, "step": step, "attempt": last["attempt"], "commit": last["commit"],
+            "description": last.get("description", ""), "category": last.get("category"),
+            "params": last.get("params", {}), "status": finished[-1]["status"] if finished else "running",
+            "metrics": finished[-1]["metrics"] if finished else {},
+            "wall_seconds": finished[-1].get("wall_seconds") if finished else None,
+            "decision": decided[-1] if decided else None, "diff": diff}
+
+
+def print_step(console: Console, d: dict[str, Any]) -> None:
+    console.print(f"[bold]step {d['step']}[/] (attempt {d['attempt']}) commit {d['commit'][:12]}: {d['description']}")
+    console.print(f"status {d['status']}  category {d['category'] or '-'}  wall {_fmt(d['wall_seconds'])} s")
+    for k, v in sorted(d["metrics"].items()):
+        console.print(f"  {k}: {_fmt(v)}")
+    if d["decision"]:
+        dec = d["decision"]
+        console.print(f"decision: {'accepted' if dec['accepted'] else 'rejected'} ({dec['reason']}); "
+                      f"best {_fmt(dec['best_before'])} -> {_fmt(dec['best_after'])}")
+    if d["diff"]:
+        console.print(d["diff"], markup=False, highlight=False)
+
+
+def results_table(h: Home, run: str) -> Table:
+    table = Table(title="results")
+    rows = ExperimentsTable(h.log).rows(run)
+    metric = fold(list(h.log.read(run, until_n=0))).metric
+    for col in ("step", metric, "status", "kept", "description"):
+        table.add_column(col)
+    for r in rows:
+        kept = {1: "yes", 0: "no", None: ""}[r["accepted"]]
+        table.add_row(str(r["step"]), _fmt(r["value"]), r["status"], kept, r["description"] or "")
+    return table

@@ -1,0 +1,256 @@
+"""The research loop end to end on the instant lab: events, decisions, projections, statuses, Ctrl-C, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rloopd import runs
+from rloopd.audit import audit
+from rloopd.home import Home
+from rloopd.loop import Loop
+from rloopd.memory import experiments as ex
+from rloopd.memory.state import RunState, apply, fold
+
+from .conftest import rloopd
+
+INSTANT = Path(__file__).parent / "labs" / "instant"
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Path:
+    dest = tmp_path / "lab"
+    shutil.copytree(INSTANT, dest)
+    return dest
+
+
+def set_status(lab: Path, status: str) -> None:
+    train = lab / "workspace" / "train.py"
+    train.write_text(train.read_text().replace('STATUS = "ok"', f'STATUS = "{status}"'))
+
+
+def start(home: Home, lab: Path, n: int = 4, seed: int = 0, **kw) -> str:
+    return runs.create_run(home, lab, agent=kw.pop("agent", "random"), experiments=n, budget=None, seed=seed,
+                           name=kw.pop("name", None), sandbox=kw.pop("sandbox", "auto"))
+
+
+def test_loop_records_baseline_experiments_and_decisions(home, lab):
+    run = start(home, lab, n=6, seed=3)
+    state = Loop(home, run).run()
+    types = [e.type for e in home.log.read(run)]
+    assert types[0] == "run.created" and types[-1] == "run.finished"
+    assert types.count("experiment.started") == 7 and types.count("experiment.decided") == 7
+    decided = [e.data for e in home.log.read(run, types=["experiment.decided"])]
+    assert decided[0]["step"] == 0 and decided[0]["accepted"]
+    best = None
+    for d in decided:  # accepted exactly when it beat the best so far
+        finished = next(e.data for e in home.log.read(run, types=["experiment.finished"]) if e.data["step"] == d["step"])
+        value = finished["metrics"]["val_bpb"]
+        assert d["accepted"] == (best is None or value < best)
+        best = value if d["accepted"] else best
+    assert state.best == best and state.experiments == 6 and state.status == "finished"
+    started = [e.data for e in home.log.read(run, types=["experiment.started"])]
+    assert all(s["category"] in ("learning rate", "depth", "width") for s in started[1:])
+    assert all(len(s["params"]) == 1 for s in started[1:]), "random changes one constant per step"
+    # the workspace sits at the best commit, and the log audits clean
+    assert home.snapshots.tree_equal(state.best_commit, home.run_dir(run) / "workspace")
+    assert audit(home.log, home.blobs).ok
+
+
+def test_results_tsv_and_no_hidden_value_under_the_run(home, lab):
+    run = start(home, lab, n=4)
+    Loop(home, run).run()
+    tsv = (home.run_dir(run) / "memory" / "results.tsv").read_text().splitlines()
+    assert tsv[0].split("\t") == ["step", "commit", "val_bpb", "status", "accepted", "description"]
+    assert len(tsv) == 6
+    hidden = [e.data["metrics"]["test_bpb"] for e in home.log.read(run, types=["experiment.finished"])]
+    secret = json.loads(runs.lab_secrets(home))["test_secret"]
+    for path in home.run_dir(run).rglob("*"):
+        if path.is_file():
+            text = path.read_bytes().decode(errors="replace")
+            for v in hidden:
+                assert f"{v:.6f}" not in text and str(v) not in text, path
+            assert secret not in text
+    assert not (home.run_dir(run) / "frozen" / "private").exists()
+
+
+def test_determinism_under_step_budgets(tmp_path, lab):
+    results = []
+    for i in range(2):
+        with Home.open(tmp_path / f"h{i}") as h:
+            run = start(h, lab, n=5, seed=11)
+            Loop(h, run).run()
+            results.append([(e.data["step"], e.data["commit"], e.data["params"])
+                            for e in h.log.read(run, types=["experiment.started"])]
+                           + [e.data["metrics"]["val_bpb"] for e in h.log.read(run, types=["experiment.finished"])])
+    assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("status", ["crashed", "oom", "timeout", "invalid"])
+def test_every_status_is_recorded_and_the_run_goes_on(home, lab, status):
+    set_status(lab, status)
+    run = start(home, lab, n=2)
+    state = Loop(home, run).run()
+    finished = [e.data for e in home.log.read(run, types=["experiment.finished"])]
+    assert [f["status"] for f in finished] == [status] * 3
+    assert state.status == "finished" and state.experiments == 2 and state.valid == 0 and state.best is None
+    assert not any(e.data["accepted"] for e in home.log.read(run, types=["experiment.decided"]))
+
+
+def test_hanging_judge_is_killed_as_timeout(home, lab):
+    set_status(lab, "hang")
+    run = start(home, lab, n=0)
+    t0 = time.monotonic()
+    Loop(home, run).run()
+    [f] = [e.data for e in home.log.read(run, types=["experiment.finished"])]
+    assert f["status"] == "timeout" and time.monotonic() - t0 < 30
+
+
+def test_fake_numbers_do_not_count(home, lab):
+    set_status(lab, "fake")
+    run = start(home, lab, n=0)
+    Loop(home, run).run()
+    [f] = [e.data for e in home.log.read(run, types=["experiment.finished"])]
+    assert f["metrics"]["val_bpb"] == pytest.approx(1.9) and f["metrics"]["val_bpb"] != 0.0001
+
+
+def test_crash_mid_experiment_is_recovered(home, lab):
+    run = start(home, lab, n=2)
+    base = fold(list(home.log.read(run)))
+    # a process that crashed after starting the baseline: started, never finished
+    home.log.append(run, [runs_event("experiment.started", {"step": 0, "commit": base.base_commit})])
+    (home.run_dir(run) / "workspace" / "train.py").write_text("half-written by a crashed process")
+    state = Loop(home, run).run()
+    finishes = [(e.data["step"], e.data["attempt"], e.data["status"]) for e in home.log.read(run, types=["experiment.finished"])]
+    assert finishes == [(0, 0, "interrupted"), (0, 1, "ok"), (1, 0, "ok"), (2, 0, "ok")]
+    assert state.experiments == 2 and state.status == "finished"
+    assert home.snapshots.tree_equal(state.best_commit, home.run_dir(run) / "workspace")
+
+
+def runs_event(type_, data):
+    from rloopd.log import NewEvent
+
+    return NewEvent(type_, data)
+
+
+def test_projections_equal_a_rebuild_after_every_event(home, lab):
+    run = start(home, lab, n=4)
+    Loop(home, run).run()
+    events = list(home.log.read(run))
+    live_state = RunState()
+    for i, e in enumerate(events):
+        live_state = apply(live_state, e)
+        assert live_state == fold(events[: i + 1])
+    rebuilt = ex.rebuild(events)
+    table = {(r["run"], r["step"], r["replica"]): r for r in ex.ExperimentsTable(home.log).rows(run)}
+    assert table == rebuilt
+    # incremental catch-up after every event equals the one-shot rebuild too
+    with Home.open(home.path.parent / "replay") as other:
+        t = ex.ExperimentsTable(other.log)
+        for e in events:
+            other.log.append(run, [runs_event(e.type, e.data)])
+            t.catch_up()
+            rows = {(r["run"], r["step"], r["replica"]): r for r in t.rows(run)}
+            assert rows == ex.rebuild(list(other.log.read(run)))
+
+
+def test_ctrl_c_stops_the_run_cleanly(home_dir, lab):
+    set_status(lab, "hang")
+    proc = subprocess.Popen([sys.executable, "-m", "rloopd", "run", "--lab", str(lab), "-n", "3", "--json",
+                             "--home", str(home_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        if (home_dir / "events.db").exists():
+            with Home.open(home_dir, create=False) as h:
+                if list(h.log.read(types=["experiment.started"])):
+                    break
+    proc.send_signal(signal.SIGINT)
+    out, errs = proc.communicate(timeout=60)
+    assert proc.returncode == 130, errs
+    assert json.loads(out.splitlines()[-1])["status"] == "stopped"
+    with Home.open(home_dir, create=False) as h:
+        [run] = [e.stream for e in h.log.runs()]
+        types = [(e.type, e.data.get("status")) for e in h.log.read(run)]
+        assert types[-2:] == [("experiment.finished", "interrupted"), ("run.stopped", None)]
+        assert audit(h.log, h.blobs).ok
+    assert not [p for p in os.popen("ps -eo args").read().splitlines() if str(lab) in p and "experiment.py" in p]
+
+
+@pytest.mark.parametrize("case,args,words", [
+    ("toml", [], ["rloop.toml"]),
+    ("param", [], ["params.DEPTH", "no module-level constant"]),
+    ("entry", [], ["command", "does not exist"]),
+    ("budget0", ["--budget", "0"], ["--budget"]),
+    ("budgetneg", ["--budget", "-5"], ["--budget"]),
+    ("agent", ["--agent", "gpt-9"], ["--agent"]),
+    ("nolab", [], ["rloop.toml", "no such file"]),
+])
+def test_bad_input_is_one_line_and_appends_nothing(home_dir, home, lab, case, args, words):
+    home.log.append_one("home", "daemon.started", {"version": "x"})
+    if case == "toml":
+        (lab / "rloop.toml").write_text("name = 'x'\nbudget = [\n")
+    elif case == "param":
+        (lab / "workspace" / "train.py").write_text((lab / "workspace" / "train.py").read_text().replace("DEPTH = 2", "DEEP = 2"))
+    elif case == "entry":
+        (lab / "frozen" / "experiment.py").rename(lab / "frozen" / "other.py")
+    elif case == "nolab":
+        shutil.rmtree(lab)
+        lab.mkdir()
+    before = home.log.last_seq()
+    proc = rloopd("run", "--lab", str(lab), *args, home=home_dir)
+    assert proc.returncode == 2, proc.stderr
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for w in words:
+        assert w in lines[0]
+    assert home.log.last_seq() == before
+
+
+def test_unknown_run_and_step(home_dir, home, lab):
+    run = start(home, lab, n=1)
+    Loop(home, run).run()
+    proc = rloopd("show", "nope", "1", home=home_dir)
+    assert proc.returncode == 2 and "nope" in proc.stderr
+    proc = rloopd("show", run, "9", home=home_dir)
+    assert proc.returncode == 2 and "no step 9" in proc.stderr
+    detail = json.loads(rloopd("show", run, "1", "--json", home=home_dir, check=True).stdout)
+    assert detail["decision"] is not None and detail["diff"].startswith("diff --git")
+    status = json.loads(rloopd("status", "--json", home=home_dir, check=True).stdout)
+    assert status[0]["run_id"] == run and status[0]["experiments"] == 1
+
+
+def test_unreadable_lab(home_dir, lab):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to an unprivileged uid")
+    import tempfile
+    public = Path(tempfile.mkdtemp(prefix="rloopd-lab-"))
+    public.chmod(0o755)
+    try:
+        shutil.copytree(lab, public / "lab")
+        (public / "lab").chmod(0o700)
+        h = public / "home"
+        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+                               "rloopd", "run", "--lab", str(public / "lab"), "--home", str(h)],
+                              capture_output=True, text=True, env={**os.environ, "HOME": "/tmp"})
+        assert proc.returncode == 2 and "--lab" in proc.stderr and "not readable" in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and not (public / "home" / "events.db").exists()
+    finally:
+        shutil.rmtree(public)
+
+
+def test_run_json_summary(home_dir, lab):
+    proc = rloopd("run", "--lab", str(lab), "-n", "3", "--seed", "2", "--name", "lr-sweep", "--json", home=home_dir)
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(proc.stdout.splitlines()[-1])
+    assert {"run_id", "name", "metric", "experiments", "accepted", "best", "best_step", "floor"} <= set(s)
+    assert s["name"] == "lr-sweep" and s["metric"] == "val_bpb" and s["experiments"] == 3 and s["floor"] == 1.0
+    assert rloopd("run", "--lab", str(lab), "--name", "lr-sweep", home=home_dir).returncode == 2
