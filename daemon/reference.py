@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import sys
+import sysconfig
 from importlib import metadata
 from pathlib import Path
 
@@ -11,18 +13,25 @@ from rloopd.errors import LabConfigError
 LAB_PARTS = ("program.md", "rloop.toml", "workspace", "frozen")
 
 
-def reference_lab_dir() -> Path:
-    """The reference lab: the repository root of an editable install, else `share/rloopd/lab` of the wheel."""
-    checkout = Path(__file__).resolve().parent.parent
-    if (checkout / "rloop.toml").is_file() and (checkout / "frozen").is_dir():
-        return checkout
+def _candidates() -> list[Path]:
+    here = Path(__file__).resolve().parent
+    found = [here.parent]  # a checkout (editable install): the repository root is the reference lab
     try:
         dist = metadata.distribution("rloopd")
-        for f in dist.files or []:
-            if f.as_posix().endswith("share/rloopd/lab/rloop.toml"):
-                return Path(dist.locate_file(f)).resolve().parent
+        found += [Path(dist.locate_file(f)).resolve().parent for f in dist.files or []
+                  if f.as_posix().endswith("share/rloopd/lab/rloop.toml")]
     except metadata.PackageNotFoundError:
         pass
+    data = Path("share") / "rloopd" / "lab"
+    found += [Path(sysconfig.get_path("data")) / data, Path(sys.prefix) / data, here.parent / data]  # wheel layouts
+    return found
+
+
+def reference_lab_dir() -> Path:
+    """The reference lab: the repository root of a checkout, else `share/rloopd/lab` of the installed wheel."""
+    for path in _candidates():
+        if (path / "rloop.toml").is_file() and (path / "frozen").is_dir():
+            return path
     raise LabConfigError("the reference lab is not installed with this copy of rloopd")
 
 

@@ -73,7 +73,8 @@ def run_experiment(exp: Experiment, stop: threading.Event | None = None) -> Outc
     cmd = [*exp.command, "--workspace", str(exp.workspace), "--result", str(result_path),
            "--budget", exp.budget, "--timeout", str(exp.timeout), "--seed", str(exp.seed),
            "--secrets-fd", str(read_fd), "--sandbox", " ".join(_quote(w) for w in exp.sandbox),
-           "--cache", str(exp.cache), "--scratch", str(work), "--log", str(log_path), *exp.extra_args]
+           "--cache", str(exp.cache), "--scratch", str(work), "--log", str(log_path),
+           "--save-model", str(work / "model.pt"), *exp.extra_args]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RLOOPD_")} | exp.env
     t0 = time.monotonic()
     with open(work / "judge.log", "wb") as judge_log:

@@ -1,0 +1,397 @@
+"""A lab's rloop.toml: the validated model, its file manifest, and reading and rewriting train.py's constants.
+
+`load_lab(path)` parses and checks rloop.toml against the lab directory and raises `LabConfigError`
+with one line that names the file and the key. It never imports the lab's code: constants are found
+with `ast`. A lab looks like this (the reference lab's own rloop.toml has every key):
+
+    name = "byte-gpt"
+    editable = ["workspace/*.py"]            # the search space
+    frozen = ["frozen/**"]                   # what the agent may read but not change...
+    private = ["frozen/private/**"]          # ...and, among those, what it never sees
+    budget = 12                              # seconds of training, or "steps:N"
+    timeout = 120                            # hard limit per child process, seconds
+    [metric]
+    name = "val_bpb"
+    direction = "minimize"
+    [params.LEARNING_RATE]                   # a constant the built-in policies may set
+    range = [1e-4, 1e-2]
+    log = true
+    category = "learning rate"
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import math
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from rloopd.errors import LabConfigError
+
+CATEGORIES = ("learning rate", "depth", "width", "batch size", "schedule", "regularization", "optimizer",
+              "context", "architecture", "other")
+DEFAULT_COMMAND = ["{python}", "{lab}/frozen/experiment.py"]
+SKIP_PARTS = {".git", "__pycache__", ".venv", "node_modules"}
+
+Scalar = bool | int | float | str
+
+
+class Param(BaseModel):
+    """One constant a built-in policy may set: a range (`range = [low, high]`, `log`) or `choices`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    category: Literal[CATEGORIES]  # type: ignore[valid-type]
+    low: float | None = None
+    high: float | None = None
+    choices: list[Scalar] | None = None
+    log: bool = False
+    file: str = "workspace/train.py"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _range(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "range" in data:
+            data = dict(data)
+            bounds = data.pop("range")
+            if not (isinstance(bounds, list) and len(bounds) == 2):
+                raise ValueError("range must be [low, high]")
+            data["low"], data["high"] = bounds
+        return data
+
+    @model_validator(mode="after")
+    def _one_space(self) -> Param:
+        if (self.choices is None) == (self.low is None or self.high is None):
+            raise ValueError("give either range = [low, high] or choices = [...]")
+        if self.choices is not None and len(self.choices) < 2:
+            raise ValueError("choices needs at least two values")
+        if self.low is not None and self.high is not None:
+            if not self.low < self.high:
+                raise ValueError(f"range [{self.low}, {self.high}] is empty: low must be below high")
+            if self.log and self.low <= 0:
+                raise ValueError("a log-scale range must be positive")
+        return self
+
+    def contains(self, value: Any) -> bool:
+        if self.choices is not None:
+            return value in self.choices
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value <= self.high
+
+
+class Metric(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = "val_bpb"
+    direction: Literal["minimize", "maximize"] = "minimize"
+
+
+def parse_budget(value: Any) -> str:
+    """`12`, `12.5`, `"12s"` -> seconds ("12", "12.5"); `"steps:N"` -> "steps:N". Raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected seconds (a positive number) or 'steps:N', got {value!r}")
+    if isinstance(value, str):
+        m = re.fullmatch(r"steps:(\d+)", value.strip())
+        if m and int(m.group(1)) > 0:
+            return f"steps:{int(m.group(1))}"
+        try:
+            value = float(value.strip().removesuffix("s"))
+        except ValueError:
+            raise ValueError(f"expected seconds (a positive number) or 'steps:N', got {value!r}") from None
+    if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
+        return str(int(value)) if float(value).is_integer() else repr(float(value))
+    raise ValueError(f"expected seconds (a positive number) or 'steps:N', got {value!r}")
+
+
+class Lab(BaseModel):
+    """The validated rloop.toml of a lab at `root`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    program: str = "program.md"
+    editable: list[str] = Field(min_length=1)
+    frozen: list[str] = Field(min_length=1)
+    private: list[str] = []
+    command: list[str] = Field(default_factory=lambda: list(DEFAULT_COMMAND), min_length=1)
+    budget: str
+    timeout: float = Field(gt=0)
+    metric: Metric = Metric()
+    accept: str = "better"
+    gpus: int = Field(default=1, ge=0)
+    source: str = "synthetic"
+    memory_limit_mb: int | None = Field(default=None, gt=0)
+    params: dict[str, Param] = {}
+    _root: Path = PrivateAttr(default=Path("."))
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget(cls, v: Any) -> str:
+        return parse_budget(v)
+
+    @field_validator("accept")
+    @classmethod
+    def _accept(cls, v: str) -> str:
+        if v == "better":
+            return v
+        m = re.fullmatch(r"margin:([0-9.eE+-]+)", v)
+        try:
+            if m and float(m.group(1)) >= 0:
+                return v
+        except ValueError:
+            pass
+        raise ValueError(f"expected 'better' or 'margin:X' with X >= 0, got {v!r}")
+
+    @model_validator(mode="after")
+    def _timeout_over_budget(self) -> Lab:
+        if self.budget_seconds is not None and self.timeout <= self.budget_seconds:
+            raise ValueError(f"timeout: {self.timeout:g} s must exceed the budget of {self.budget_seconds:g} s")
+        return self
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    @property
+    def budget_steps(self) -> int | None:
+        return int(self.budget.split(":")[1]) if self.budget.startswith("steps:") else None
+
+    @property
+    def budget_seconds(self) -> float | None:
+        return None if self.budget.startswith("steps:") else float(self.budget)
+
+    def entry_command(self, lab_dir: Path, python: str) -> list[str]:
+        """The experiment command with {python} (the daemon's interpreter) and {lab} (where it runs from)."""
+        return [w.replace("{python}", python).replace("{lab}", str(lab_dir)) for w in self.command]
+
+    def entry_args(self) -> list[str]:
+        """Arguments of the lab's own that the runner appends (the runner adds workspace, budget, seed...)."""
+        args = ["--source", self.source]
+        if self.memory_limit_mb:
+            args += ["--memory-limit", str(self.memory_limit_mb)]
+        return args
+
+    def manifest(self) -> list[LabFile]:
+        return manifest(self)
+
+
+@dataclass(frozen=True)
+class LabFile:
+    path: str       # relative to the lab root, POSIX
+    sha256: str
+    size: int
+    role: str       # "editable" or "frozen"
+    private: bool   # frozen and never shown to the agent
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out + r"\Z")
+
+
+def glob_files(root: Path, pattern: str) -> list[str]:
+    """Files under root matching a glob (`**` spans directories), skipping .git, __pycache__ and *.pyc."""
+    parts = pattern.split("/")
+    literal = []
+    for p in parts[:-1]:
+        if any(c in p for c in "*?["):
+            break
+        literal.append(p)
+    start = root.joinpath(*literal)
+    rx = _glob_regex(pattern)
+    found = []
+    if start.is_file():
+        return [pattern] if rx.match(pattern) else []
+    for dirpath, dirnames, filenames in os.walk(start):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_PARTS)
+        for f in filenames:
+            rel = Path(dirpath, f).relative_to(root).as_posix()
+            if not f.endswith(".pyc") and rx.match(rel):
+                found.append(rel)
+    return sorted(found)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _matching(root: Path, patterns: list[str]) -> set[str]:
+    return {f for p in patterns for f in glob_files(root, p)}
+
+
+def manifest(lab: Lab) -> list[LabFile]:
+    """Every editable and frozen file with its sha256, the private ones flagged, sorted by path."""
+    editable, frozen = _matching(lab.root, lab.editable), _matching(lab.root, lab.frozen)
+    private = _matching(lab.root, lab.private)
+    rows = []
+    for rel in sorted(editable | frozen):
+        path = lab.root / rel
+        rows.append(LabFile(rel, _sha256(path), path.stat().st_size,
+                            "editable" if rel in editable else "frozen", rel in private))
+    return rows
+
+
+# --- module-level constants of train.py, read and rewritten without importing it ---
+
+def _constant_nodes(source: str) -> dict[str, ast.expr]:
+    nodes = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            name, value = node.targets[0].id, node.value
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+            name, value = node.target.id, node.value
+        else:
+            continue
+        try:
+            ast.literal_eval(value)
+        except ValueError:
+            continue
+        nodes[name] = value
+    return nodes
+
+
+def read_constants(source: str) -> dict[str, Any]:
+    """Module-level `NAME = literal` assignments. Example: read_constants("LR = 3e-4  # peak")["LR"] == 0.0003"""
+    return {name: ast.literal_eval(node) for name, node in _constant_nodes(source).items()}
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, str):  # double quotes, as people write them, where that spells the same string
+        quoted = json.dumps(value, ensure_ascii=False)
+        return quoted if ast.literal_eval(quoted) == value else repr(value)
+    if isinstance(value, bool) or value is None or isinstance(value, int):
+        return repr(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return repr(value)
+    raise LabConfigError(f"cannot write {value!r} as a constant: use a bool, int, finite float or str")
+
+
+def set_constants(source: str, values: dict[str, Any]) -> str:
+    """Rewrite module-level constants in place, keeping everything else (comments, spacing) byte for byte.
+
+    Example: set_constants("DEPTH = 2  # blocks\\n", {"DEPTH": 4}) == "DEPTH = 4  # blocks\\n"
+    """
+    try:
+        nodes = _constant_nodes(source)
+    except SyntaxError as e:
+        raise LabConfigError(f"train.py does not parse: {e.msg} (line {e.lineno})") from None
+    missing = sorted(set(values) - set(nodes))
+    if missing:
+        raise LabConfigError(f"no module-level constant named {', '.join(missing)}")
+    lines = source.encode().splitlines(keepends=True)  # ast offsets count UTF-8 bytes
+    starts = [0]
+    for line in lines:
+        starts.append(starts[-1] + len(line))
+    data = source.encode()
+    edits = sorted(((starts[n.lineno - 1] + n.col_offset, starts[n.end_lineno - 1] + n.end_col_offset,
+                     format_value(values[name]).encode()) for name, n in nodes.items() if name in values),
+                   reverse=True)
+    for begin, end, text in edits:
+        rest = data[end:]
+        gap = len(rest) - len(rest.lstrip(b" "))
+        if rest[gap:gap + 1] == b"#":  # keep a trailing comment in its column where there is room
+            pad = max(2 if gap >= 2 else 1, gap + (end - begin) - len(text))
+            rest = b" " * pad + rest[gap:]
+        data = data[:begin] + text + rest
+    return data.decode()
+
+
+# --- loading ---
+
+def _loc(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if p not in ("function-after", "function-before")) or "(top)"
+
+
+def _fail(file: Path, key: str, message: str) -> LabConfigError:
+    return LabConfigError(f"{file}: {key}: {message}")
+
+
+def load_lab(path: Path | str) -> Lab:
+    """Read and check a lab's rloop.toml (path to the file or to the lab directory)."""
+    path = Path(path)
+    file = path / "rloop.toml" if path.is_dir() else path
+    root = file.parent.resolve()
+    try:
+        raw = tomllib.loads(file.read_text())
+    except FileNotFoundError:
+        raise LabConfigError(f"{file}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise LabConfigError(f"{file}: cannot read: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise LabConfigError(f"{file}: not valid TOML: {e}") from None
+    try:
+        lab = Lab.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = _loc(err["loc"])
+        if err["type"] == "missing":
+            raise _fail(file, key, "missing required key") from None
+        if err["type"] == "extra_forbidden":
+            raise _fail(file, key, "unknown key") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        if key == "(top)" and msg.startswith("timeout: "):
+            key, msg = "timeout", msg.removeprefix("timeout: ")
+        raise _fail(file, key, msg) from None
+    lab._root = root
+    _check_files(lab, file)
+    return lab
+
+
+def _check_files(lab: Lab, file: Path) -> None:
+    root = lab.root
+    if not (root / lab.program).is_file():
+        raise _fail(file, "program", f"{lab.program} does not exist")
+    for key in ("editable", "frozen", "private"):
+        for pattern in getattr(lab, key):
+            if not glob_files(root, pattern):
+                raise _fail(file, key, f"{pattern!r} matches no file")
+    editable, frozen = _matching(root, lab.editable), _matching(root, lab.frozen)
+    both = sorted(editable & frozen)
+    if both:
+        raise _fail(file, "frozen", f"{both[0]} is also editable")
+    loose = sorted(_matching(root, lab.private) - frozen)
+    if loose:
+        raise _fail(file, "private", f"{loose[0]} is not a frozen file")
+    sources: dict[str, dict[str, Any]] = {}
+    for name, param in lab.params.items():
+        key = f"params.{name}"
+        if param.file not in editable:
+            raise _fail(file, f"{key}.file", f"{param.file} is not an editable file")
+        if param.file not in sources:
+            try:
+                sources[param.file] = read_constants((root / param.file).read_text())
+            except SyntaxError as e:
+                raise _fail(file, key, f"{param.file} does not parse: {e.msg} (line {e.lineno})") from None
+        constants = sources[param.file]
+        if name not in constants:
+            raise _fail(file, key, f"{param.file} has no module-level constant {name}")
+        if not param.contains(constants[name]):
+            raise _fail(file, key, f"the current value {constants[name]!r} in {param.file} is outside the "
+                                   f"declared {'choices' if param.choices else 'range'}")
