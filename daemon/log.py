@@ -21,7 +21,6 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +89,14 @@ def chain_hash(prev: str, canonical: str) -> str:
 
 
 def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
+    """UTC, ISO 8601 with microseconds and `Z`, e.g. 2026-11-26T21:48:16.123456Z."""
+    seconds, micros = divmod(time.time_ns() // 1000, 1_000_000)
+    return f"{_utc_second(seconds)}.{micros:06d}Z"
+
+
+@functools.lru_cache(maxsize=8)
+def _utc_second(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 def new_id() -> str:
@@ -138,6 +144,10 @@ def _row_event(row: Sequence[Any]) -> Event:
     return Event(row[0], row[1], row[2], row[3], row[4], row[5], row[6], json.loads(row[7]), row[8], row[9])
 
 
+class _HeadMoved(Exception):
+    """The remembered head of a stream is stale: another writer appended to it."""
+
+
 class EventLog:
     """One connection to events.db. Use one per thread; several processes may append concurrently."""
 
@@ -145,6 +155,7 @@ class EventLog:
         self.conn = conn
         self.path = path
         self.db = sqlite_utils.Database(conn)
+        self._heads: dict[str, tuple[int, str]] = {}  # stream -> (n, hash) after this connection's append
 
     @classmethod
     def open(cls, path: Path, *, synchronous: str = "FULL", busy_timeout_ms: int = 30_000,
@@ -224,15 +235,30 @@ class EventLog:
         for e in new:
             data = ev.validate(e.type, e.data)
             prepared.append((e.id, e.type, ev.current_version(e.type), data, canonical_json(data)))
+        try:
+            return self._append_once(stream, prepared, expected_n, prev, cached=True)
+        except _HeadMoved:  # another writer appended since this connection last did: read the head
+            self._heads.pop(stream, None)
+            return self._append_once(stream, prepared, expected_n, prev, cached=False)
+
+    def _append_once(self, stream: str, prepared: list[tuple], expected_n: int | None, prev: str | None,
+                     cached: bool) -> list[Event]:
+        """One attempt. A head remembered from this connection's last append saves a query; if another
+        writer moved the stream since, the insert meets UNIQUE(stream, n) and raises `_HeadMoved`."""
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            head = conn.execute(
-                "SELECT n, hash FROM events WHERE stream = ? ORDER BY n DESC LIMIT 1", (stream,)
-            ).fetchone()
+            head = self._heads.get(stream) if cached else None
+            from_cache = head is not None
+            if head is None:
+                head = conn.execute(
+                    "SELECT n, hash FROM events WHERE stream = ? ORDER BY n DESC LIMIT 1", (stream,)
+                ).fetchone()
             n, link = (head[0] + 1, head[1]) if head else (0, prev or "")
             if expected_n is not None and expected_n != n:
                 conn.execute("ROLLBACK")
+                if from_cache:
+                    raise _HeadMoved
                 stale = f"stream {stream}: expected to append at n={expected_n}, but the next n is {n}"
                 return self._retried(stream, [p[0] for p in prepared], stale)
             at = utc_now()
@@ -251,11 +277,16 @@ class EventLog:
             conn.execute("COMMIT")
         except sqlite3.IntegrityError:
             conn.execute("ROLLBACK")
+            stored = self._by_ids([p[0] for p in prepared])
+            if not stored and from_cache:
+                raise _HeadMoved from None
             return self._retried(stream, [p[0] for p in prepared])
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            self._heads.pop(stream, None)
             raise
+        self._heads[stream] = (rows[-1][2], rows[-1][8])
         first = last - len(rows) + 1
         return [Event(first + i, r[0], stream, r[2], r[3], r[4], at, p[3], r[7], r[8])
                 for i, (r, p) in enumerate(zip(rows, prepared, strict=True))]

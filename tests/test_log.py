@@ -176,3 +176,19 @@ def test_concurrent_appenders_lose_nothing(tmp_path):
         shared = list(log.read("shared"))
         assert [e.n for e in shared] == list(range(150))
         assert all(b.prev == a.hash for a, b in zip(shared, shared[1:], strict=False))
+
+
+def test_two_connections_interleaving_on_one_stream(tmp_path):
+    """Each connection remembers its last head; a stale one must notice and re-read, never fork the chain."""
+    a, b = EventLog.open(tmp_path / "e.db"), EventLog.open(tmp_path / "e.db")
+    a.append_one("s", "run.paused", {})
+    b.append_one("s", "run.resumed", {})
+    a.append_one("s", "run.paused", {})  # a's remembered head (n=0) is stale
+    b.append("s", [NewEvent("run.resumed", {})], expected_n=3)
+    with pytest.raises(StaleRun, match="next n is 4"):
+        a.append("s", [NewEvent("run.resumed", {})], expected_n=3)
+    events = list(a.read("s"))
+    assert [e.n for e in events] == [0, 1, 2, 3]
+    assert all(y.prev == x.hash for x, y in zip(events, events[1:], strict=False))
+    a.close()
+    b.close()

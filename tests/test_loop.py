@@ -254,3 +254,23 @@ def test_run_json_summary(home_dir, lab):
     assert {"run_id", "name", "metric", "experiments", "accepted", "best", "best_step", "floor"} <= set(s)
     assert s["name"] == "lr-sweep" and s["metric"] == "val_bpb" and s["experiments"] == 3 and s["floor"] == 1.0
     assert rloopd("run", "--lab", str(lab), "--name", "lr-sweep", home=home_dir).returncode == 2
+
+
+@pytest.mark.slow
+def test_reference_lab_trains_through_the_loop_deterministically(tmp_path):
+    """The real lab, really trained, inside the sandbox: the same seed gives the same numbers."""
+    root = Path(__file__).resolve().parents[1]
+    with Home.open(tmp_path / "home") as h:
+        values = []
+        for _ in range(2):
+            run = runs.create_run(h, root, agent="random", experiments=0, budget="steps:8", seed=5, name=None)
+            state = Loop(h, run).run()
+            [f] = [e.data for e in h.log.read(run, types=["experiment.finished"])]
+            assert f["status"] == "ok", h.blobs.get_text(f["log_blob"])[-2000:]
+            assert f["metrics"]["train_steps"] == 8 and f["metrics"]["val_bpb"] > f["metrics"]["oracle_bpb"]
+            values.append((f["metrics"]["val_bpb"], f["metrics"]["test_bpb"]))
+            assert state.checkpoint_blob is not None
+            assert (h.run_dir(run) / "memory" / "checkpoint.pt").read_bytes() == h.blobs.get(state.checkpoint_blob)
+        assert values[0] == values[1]
+        if shutil.which("bwrap"):
+            assert next(h.log.read(run)).data["sandbox"] == "bwrap"
