@@ -274,3 +274,22 @@ def test_reference_lab_trains_through_the_loop_deterministically(tmp_path):
         assert values[0] == values[1]
         if shutil.which("bwrap"):
             assert next(h.log.read(run)).data["sandbox"] == "bwrap"
+
+
+def test_run_directory_equals_a_rebuild_from_the_log(home, lab, tmp_path):
+    from rloopd.memory.rundir import MemoryFiles, materialize_frozen, project_memory
+
+    run = start(home, lab, n=4)
+    Loop(home, run).run()
+    events = list(home.log.read(run))
+    mem = MemoryFiles()
+    for e in events:
+        mem.apply(e)
+    scratch = tmp_path / "rebuilt"
+    rows = [r for _, r in sorted(ex.rebuild(events).items())]
+    project_memory(scratch, mem, home.blobs, ex.results_tsv(rows, "val_bpb"))
+    materialize_frozen(scratch, events[0].data["manifest"], home.blobs)
+    live = home.run_dir(run)
+    for rel in ("program.md", "memory/results.tsv", "memory/notes.md", "memory/checkpoint.pt", "frozen/experiment.py"):
+        assert (scratch / rel).read_bytes() == (live / rel).read_bytes(), rel
+    assert json.loads((live / "memory" / "checkpoint.pt").read_text())  # the best step's stand-in model
