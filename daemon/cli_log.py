@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated
 
 import typer
@@ -49,7 +50,7 @@ def parse_expect(items: list[str]) -> dict[str, str]:
     expect = {}
     for item in items:
         stream, sep, digest = item.partition("=")
-        if not sep or not stream or len(digest) != 64:
+        if not sep or not stream or not re.fullmatch(r"[0-9a-f]{64}", digest):
             raise fail(f"--expect {item!r}: use STREAM=HASH with a 64-hex-digit head hash")
         expect[stream] = digest
     return expect

@@ -19,7 +19,7 @@ from rloopd.loop import Loop, LoopOptions
 AgentOpt = Annotated[str, typer.Option("--agent", "-a", help="random (one constant per step) or random:all.")]
 
 
-def follow_loop(h: Home, run: str, *, quiet: bool) -> dict[str, Any]:
+def follow_loop(h: Home, run: str) -> dict[str, Any]:
     """Run the loop in the foreground with a live table on stderr; Ctrl-C stops the run cleanly."""
     stop = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -59,7 +59,7 @@ def run_cmd(
         run = runs.create_run(h, lab, agent=agent, experiments=experiments, budget=budget, seed=seed,
                               name=name, sandbox=sandbox)
         err.print(f"run {run} in {h.run_dir(run)}")
-        summary = follow_loop(h, run, quiet=json_)
+        summary = follow_loop(h, run)
     if json_:
         emit_json(summary)
     else:
@@ -136,7 +136,7 @@ def demo_cmd(
         run = runs.create_run(h, reference_lab_dir(), agent="random", experiments=experiments, budget=budget,
                               seed=seed, name=None)
         err.print(f"demo: the reference lab, random search, {experiments} experiments of {budget} s after the baseline")
-        summary = follow_loop(h, run, quiet=False)
+        summary = follow_loop(h, run)
         views.print_summary(out, summary)
         out.print(views.results_table(h, run))
         out.print(f"run directory: {h.run_dir(run)}")

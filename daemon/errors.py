@@ -27,6 +27,10 @@ class RunNotFound(StreamNotFound):
     """No run matches the given id, id prefix or name."""
 
 
+class StepNotFound(RloopdError):
+    """A step that the run has not started."""
+
+
 class PayloadInvalid(RloopdError):
     """An event payload does not validate against its model."""
 

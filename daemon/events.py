@@ -56,6 +56,7 @@ class RunCreated(Payload):
     base_commit: str = ""
     program_blob: str | None = None
     sandbox: str = "none"
+    uid: int | None = None  # the run's own unprivileged uid for its sandboxed processes (as root)
     parent: ForkPoint | None = None
     batch: str | None = None
     condition: str | None = None

@@ -121,19 +121,20 @@ class Loop:
 
     def execute(self, commit: str, step: int, attempt: int) -> Outcome:
         runs.check_manifest(self.home, self.created)
-        scratch = self.home.path / "tmp" / self.run_id
-        snapshot = scratch / f"ws-{step}-{attempt}"
+        scratch = self.home.path / "tmp" / self.run_id / "scratch"
+        snapshot = self.home.path / "tmp" / self.run_id / f"ws-{step}-{attempt}"
         shutil.rmtree(snapshot, ignore_errors=True)
         snapshot.mkdir(parents=True)
         self.home.snapshots.export(commit, snapshot)
         judge = runs.judge_dir(self.home, self.created)
-        sandbox = training_sandbox(self.run_id, hide=[self.home.path, Path(self.created["lab"])],
+        sandbox = training_sandbox(self.created.get("uid"), hide=[self.home.path, Path(self.created["lab"])],
                                    scratch=scratch, kind=self.created["sandbox"])
         entry = self.lab.entry_command(judge, sys.executable)
         exp = Experiment(command=entry, workspace=snapshot, budget=self.created["budget"],
                          timeout=self.lab.timeout, seed=self.created["seed"] * 1000 + step,
                          secrets=runs.lab_secrets(self.home), sandbox=sandbox.prefix,
-                         cache=self.home.path / "cache", scratch=scratch, extra_args=self.lab.entry_args())
+                         cache=self.home.path / "cache", scratch=scratch,
+                         private=self.home.path / "tmp" / self.run_id / "judge", extra_args=self.lab.entry_args())
         try:
             return run_experiment(exp, self.opts.stop)
         finally:
@@ -153,8 +154,8 @@ class Loop:
             "step": step, "accepted": d.accepted, "reason": d.reason, "best_before": d.best_before,
             "best_after": d.best_after, "best_commit": commit if d.accepted else self.state.best_commit}))
         self.append(*events)
-        if outcome.model is not None:
-            shutil.rmtree(outcome.model.parent, ignore_errors=True)
+        if outcome.workdir is not None:
+            shutil.rmtree(outcome.workdir, ignore_errors=True)
         if not d.accepted:
             runs.restore_workspace(self.home, self.state, self.run_dir / "workspace")
         self.project()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -34,7 +35,8 @@ class Experiment:
     secrets: bytes
     sandbox: list[str]
     cache: Path
-    scratch: Path
+    scratch: Path  # where the judge makes each experiment's scratch root (shown to the children)
+    private: Path  # where the runner keeps the judge's result, logs and model (never shown to them)
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
 
@@ -47,6 +49,7 @@ class Outcome:
     wall_seconds: float
     model: Path | None = None
     reason: str | None = None
+    workdir: Path | None = None  # the judge's private directory; the caller removes it when done
 
 
 class Interrupted(Exception):
@@ -64,8 +67,10 @@ def _kill_group(proc: subprocess.Popen) -> None:
 def run_experiment(exp: Experiment, stop: threading.Event | None = None) -> Outcome:
     """Run the judge to completion, to its hard timeout, or until `stop` is set (raises Interrupted)."""
     exp.scratch.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="exp-", dir=exp.scratch))
-    work.chmod(0o755)  # the judge's children run as another uid and must reach their scratch root
+    exp.private.mkdir(parents=True, exist_ok=True)
+    # The judge's own files (result, logs, the saved model) live outside the scratch root that the
+    # sandbox shows the children, so no child can read another child's output or plant a result.
+    work = Path(tempfile.mkdtemp(prefix="judge-", dir=exp.private))
     result_path, log_path = work / "result.json", work / "train.log"
     read_fd, write_fd = os.pipe()
     os.write(write_fd, exp.secrets)  # small: fits in the pipe buffer
@@ -73,7 +78,7 @@ def run_experiment(exp: Experiment, stop: threading.Event | None = None) -> Outc
     cmd = [*exp.command, "--workspace", str(exp.workspace), "--result", str(result_path),
            "--budget", exp.budget, "--timeout", str(exp.timeout), "--seed", str(exp.seed),
            "--secrets-fd", str(read_fd), "--sandbox", " ".join(_quote(w) for w in exp.sandbox),
-           "--cache", str(exp.cache), "--scratch", str(work), "--log", str(log_path),
+           "--cache", str(exp.cache), "--scratch", str(exp.scratch), "--log", str(log_path),
            "--save-model", str(work / "model.pt"), *exp.extra_args]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RLOOPD_")} | exp.env
     t0 = time.monotonic()
@@ -87,6 +92,7 @@ def run_experiment(exp: Experiment, stop: threading.Event | None = None) -> Outc
         while proc.poll() is None:
             if stop is not None and stop.wait(0.05):
                 _kill_group(proc)
+                shutil.rmtree(work, ignore_errors=True)
                 raise Interrupted("stopped")
             if stop is None:
                 time.sleep(0.05)
@@ -95,6 +101,7 @@ def run_experiment(exp: Experiment, stop: threading.Event | None = None) -> Outc
                 status = "timeout"
     except KeyboardInterrupt:
         _kill_group(proc)
+        shutil.rmtree(work, ignore_errors=True)
         raise Interrupted("interrupted by Ctrl-C") from None
     finally:
         if proc.poll() is None:
@@ -107,18 +114,20 @@ def run_experiment(exp: Experiment, stop: threading.Event | None = None) -> Outc
     wall = time.monotonic() - t0
     log = _read(work / "judge.log") + _read(log_path)
     if status == "timeout":
-        return Outcome("timeout", {}, log, wall, reason="the judge passed its hard deadline")
+        return Outcome("timeout", {}, log, wall, reason="the judge passed its hard deadline", workdir=work)
     try:
         result = json.loads(result_path.read_text())
     except (OSError, ValueError):
-        return Outcome("crashed", {}, log, wall, reason=f"the judge exited {proc.returncode} without a result")
+        return Outcome("crashed", {}, log, wall, reason=f"the judge exited {proc.returncode} without a result",
+                       workdir=work)
     status = result.get("status")
     if status not in STATUSES:
-        return Outcome("crashed", {}, log, wall, reason=f"the judge reported an unknown status {status!r}")
+        return Outcome("crashed", {}, log, wall, reason=f"the judge reported an unknown status {status!r}",
+                       workdir=work)
     metrics = {k: v for k, v in result.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("schema", "seed")}
     model = work / "model.pt"
-    return Outcome(status, metrics, log, wall, model if model.exists() else None, result.get("reason"))
+    return Outcome(status, metrics, log, wall, model if model.exists() else None, result.get("reason"), work)
 
 
 def _read(path: Path) -> bytes:

@@ -25,7 +25,7 @@ from rloopd.lab import Lab, load_lab
 from rloopd.log import NewEvent, canonical_json, new_id
 from rloopd.memory.rundir import materialize_frozen
 from rloopd.memory.state import RunState
-from rloopd.sandbox import training_sandbox
+from rloopd.sandbox import allocate_uid, resolve_kind
 
 
 def new_run_id() -> str:
@@ -92,7 +92,8 @@ def create_run(home: Home, lab_dir: Path, *, agent: str, experiments: int | None
         raise LabConfigError(f"--experiments {experiments}: must be 0 or more")
     if name and any(e.data.get("name") == name for e in home.log.runs()):
         raise LabConfigError(f"--name {name!r}: a run with that name exists already")
-    box = training_sandbox("probe", hide=[], kind=sandbox)
+    kind = resolve_kind(sandbox)
+    uid = allocate_uid({e.data["uid"] for e in home.log.runs() if e.data.get("uid") is not None})
     run = new_run_id()
     manifest = build_manifest(home, lab)
     program = (lab.root / lab.program).read_bytes()
@@ -103,8 +104,12 @@ def create_run(home: Home, lab_dir: Path, *, agent: str, experiments: int | None
         "config": lab.model_dump(mode="json"), "metric": lab.metric.name, "direction": lab.metric.direction,
         "agent": agent,
         "budget": lab.budget, "experiments": experiments, "seed": seed, "base_commit": base,
-        "program_blob": home.blobs.put(program), "sandbox": box.kind,
+        "program_blob": home.blobs.put(program), "sandbox": kind, "uid": uid,
         "search_space": {"editable": lab.editable}})], expected_n=0)
+    if kind == "none":
+        home.log.append_one(run, "run.warned", {"about": "sandbox", "message": (
+            "no sandbox: training runs as the daemon's own user and can read the home, including the "
+            "lab's secrets and the hidden split; install bubblewrap or run the daemon as root")})
     run_dir = home.run_dir(run)
     home.snapshots.restore(base, run_dir / "workspace")
     materialize_frozen(run_dir, manifest, home.blobs)

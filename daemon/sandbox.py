@@ -11,14 +11,20 @@ is used (`setpriv`), and without root nothing at all (`none`); `run.created` rec
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-UID_RANGE = (61000, 61999)  # a run's uid is chosen in this range from its id; configurable later
+from rloopd.errors import RloopdError
+
+UID_RANGE = (61000, 61999)  # the uids runs are given, one each, lowest free first
+KINDS = ("auto", "bwrap", "setpriv", "none")
+
+
+class SandboxError(RloopdError):
+    """A sandbox kind that does not exist or cannot work here."""
 
 
 @dataclass(frozen=True)
@@ -28,9 +34,26 @@ class Sandbox:
     uid: int | None
 
 
-def run_uid(run: str, uid_range: tuple[int, int] = UID_RANGE) -> int:
+def allocate_uid(taken: set[int], uid_range: tuple[int, int] = UID_RANGE) -> int:
+    """The lowest uid of the range that no other run holds, so that runs cannot read or starve each other."""
     lo, hi = uid_range
-    return lo + int(hashlib.sha256(run.encode()).hexdigest(), 16) % (hi - lo + 1)
+    for uid in range(lo, hi + 1):
+        if uid not in taken:
+            return uid
+    raise SandboxError(f"every uid in {lo}-{hi} is taken by a run; archive runs or widen the range")
+
+
+def resolve_kind(kind: str) -> str:
+    """What `auto` means on this machine, and a one-line error for a kind that does not exist."""
+    if kind not in KINDS:
+        raise SandboxError(f"--sandbox {kind!r}: use one of {', '.join(KINDS)}")
+    if kind == "auto":
+        return "bwrap" if shutil.which("bwrap") else ("setpriv" if os.geteuid() == 0 else "none")
+    if kind == "bwrap" and not shutil.which("bwrap"):
+        raise SandboxError("--sandbox bwrap: bubblewrap (bwrap) is not installed")
+    if kind == "setpriv" and os.geteuid() != 0:
+        raise SandboxError("--sandbox setpriv: switching to a run's uid needs the daemon to run as root")
+    return kind
 
 
 def _within(path: Path, parent: Path) -> bool:
@@ -55,27 +78,24 @@ def _reexpose(keep: Path, hidden: Path) -> list[str]:
     return words + ["--ro-bind", str(keep), str(keep)]
 
 
-def training_sandbox(run: str, *, hide: list[Path], scratch: Path | None = None, kind: str = "auto",
-                     uid_range: tuple[int, int] = UID_RANGE) -> Sandbox:
+def training_sandbox(uid: int | None, *, hide: list[Path], scratch: Path | None = None,
+                     kind: str = "auto") -> Sandbox:
     """The prefix for a run's training children. `hide` lists directories to mask (home, lab).
 
+    `uid` is the run's own (see `allocate_uid`); it is used only when the daemon runs as root.
     `kind`: "auto" (bwrap if installed, else setpriv as root, else none), or one of those names.
     The daemon user's own home directory and /tmp are always hidden too (credentials, caches). `scratch`
     (the run's scratch root, where the judge makes `{base}`) stays visible read-only with traversable
     parents, so that bwrap can bind `{base}` writable inside it.
     """
-    bwrap = shutil.which("bwrap")
+    kind = resolve_kind(kind)
     root = os.geteuid() == 0
-    if kind == "auto":
-        kind = "bwrap" if bwrap else ("setpriv" if root else "none")
-    uid = run_uid(run, uid_range) if root else None
+    uid = uid if root else None
     if kind == "none" or (kind == "setpriv" and uid is None):
         return Sandbox("none", [], None)
     if kind == "setpriv":
         return Sandbox("setpriv", _drop_to(uid), uid)
-    if not bwrap:
-        raise FileNotFoundError("bubblewrap (bwrap) is not installed")
-    args = [bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
+    args = [shutil.which("bwrap") or "bwrap", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
             "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
     if root:  # kept only for setpriv's switch to the run's uid, which then drops them for good
         args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP"]

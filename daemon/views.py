@@ -9,15 +9,11 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from rloopd.errors import RloopdError
+from rloopd.errors import StepNotFound
 from rloopd.home import Home
 from rloopd.log import Event
 from rloopd.memory.experiments import ExperimentsTable
 from rloopd.memory.state import RunState, fold
-
-
-class StepNotFound(RloopdError):
-    """A step that the run has not started."""
 
 
 def _fmt(value: Any) -> str:

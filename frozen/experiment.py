@@ -120,7 +120,9 @@ def run(args, secrets: dict, sealed: bool) -> dict:
         if device == "cuda" and result["tokens_per_second"]:
             result["mfu"] = mfu(result["device_name"] or "", result["params"], result["tokens_per_second"])
         if args.save_model:
-            shutil.copyfile(base / "model" / "model.pt", args.save_model)
+            if judge.sha256(judge.sealed_model(base)) != trained["model_sha256"]:
+                raise judge.ChildFailed("invalid", "forward: model.pt changed after training")
+            shutil.copyfile(judge.sealed_model(base), args.save_model)
     except judge.ChildFailed as e:
         result.update(status=e.status, reason=e.reason, val_bpb=None, test_bpb=None)
     finally:

@@ -16,6 +16,7 @@ import resource
 import select
 import shutil
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -258,13 +259,41 @@ def train(opts: Options, base: Path, train_bytes: bytes) -> dict:
     rc = child.reap()
     if rc != 0 or child.timed_out:
         raise child.failure("train")
-    if not (base / "model" / "model.pt").exists() or ended is None:
+    if not (base / "model" / "model.pt").is_file() or ended is None:
         raise ChildFailed("invalid", "train: no model was saved")
+    model_sha = seal(base)
     seconds = (ended - first) if first is not None else 0.0
     cuda_peak = info.get("cuda_peak_mb")
-    return {"model_sha256": sha256(base / "model" / "model.pt"), "train_steps": steps, "train_tokens": tokens, "train_seconds": round(seconds, 3),
+    return {"model_sha256": model_sha, "train_steps": steps, "train_tokens": tokens, "train_seconds": round(seconds, 3),
             "peak_memory_mb": round(float(cuda_peak if isinstance(cuda_peak, (int, float)) else child.maxrss_mb), 1),
             "device_name": str(info.get("device_name", ""))[:100]}
+
+
+def seal(base: Path) -> str:
+    """Move the trained model out of the children's reach: a judge-owned, read-only copy in sealed/.
+
+    The train child's model/ directory is removed, so nothing a child can write (or touch: a changed
+    mtime is a message too) is read by a later child or kept as the run's checkpoint.
+    """
+    sealed = base / "sealed"
+    sealed.mkdir(mode=0o755)
+    try:  # never follow a link the child planted: the judge may be able to read what the child cannot
+        fd = os.open(base / "model" / "model.pt", os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        raise ChildFailed("invalid", "train: model.pt is not a regular file") from None
+    with os.fdopen(fd, "rb") as src:
+        st = os.fstat(src.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise ChildFailed("invalid", "train: model.pt is not a regular file")
+        with open(sealed / "model.pt", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    (sealed / "model.pt").chmod(0o444)
+    shutil.rmtree(base / "model")
+    return sha256(sealed / "model.pt")
+
+
+def sealed_model(base: Path) -> Path:
+    return base / "sealed" / "model.pt"
 
 
 class Forward:
@@ -287,11 +316,11 @@ class Forward:
         shutil.rmtree(rw, ignore_errors=True)
         rw.mkdir()
         rw.chmod(0o777)
-        if sha256(self.base / "model" / "model.pt") != self.model_sha:
+        if sha256(sealed_model(self.base)) != self.model_sha:
             raise ChildFailed("invalid", "forward: model.pt changed after training")
         deadline = time.monotonic() + self.opts.timeout
         self.child = Child(self.opts, self.base, "forward", rw,
-                           ["--model", str(self.base / "model" / "model.pt")], deadline)
+                           ["--model", str(sealed_model(self.base))], deadline)
         self.part = part
         kind, n = recv_header(self.child.rx, deadline)
         hello = json.loads(read_exact(self.child.rx, n, deadline)) if kind == b"H" and n < 1 << 16 else None
@@ -336,7 +365,6 @@ def sha256(path: Path) -> str:
 
 def forward(opts: Options, base: Path, splits, eval_seed: str, model_sha: str) -> dict:
     """Ask the forward children for logits of every window and every probe; score them here."""
-    (base / "model").chmod(0o755)
     fwd = Forward(opts, base, model_sha)
     try:
         hello = fwd.start(0)

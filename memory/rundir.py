@@ -90,3 +90,12 @@ def project_memory(run_dir: Path, mem: MemoryFiles, blobs: BlobStore, results_ts
             write_atomic(memory / path, blobs.get(blob))
     if mem.checkpoint_blob:
         write_atomic(memory / CHECKPOINT, blobs.get(mem.checkpoint_blob), 0o444)
+    # What is not in the log does not survive: files the fold does not name are removed.
+    keep = {"results.tsv", "notes.md", *mem.files} | ({CHECKPOINT} if mem.checkpoint_blob else set())
+    for path in sorted(memory.rglob("*"), reverse=True):
+        rel = path.relative_to(memory).as_posix()
+        if path.is_file() or path.is_symlink():
+            if rel not in keep:
+                path.unlink()
+        elif path.is_dir() and rel != "artifacts" and not any(path.iterdir()):
+            path.rmdir()

@@ -69,3 +69,21 @@ def test_hostile_child_under_another_uid_finds_no_secret(tmp_path, via):
     shutil.rmtree(scratch)
     assert leftovers == []
     assert (cache.stat().st_mode & 0o777) == 0o700
+
+
+def test_forward_children_cannot_write_into_the_saved_checkpoint(tmp_path):
+    """The checkpoint the agent later sees is the judge's sealed copy, not a file a child could change."""
+    need_root_and_setpriv()
+    cache = tmp_path / "cache"
+    ws = h.workspace(tmp_path, h.fixture("leak_checkpoint.py"))
+    scratch = Path(tempfile.mkdtemp(prefix="lab-scratch-"))
+    scratch.chmod(0o755)
+    saved = tmp_path / "out" / "model.pt"
+    try:
+        result, log, proc = h.run(ws, tmp_path, cache, "--sandbox", DROP, "--scratch", str(scratch),
+                                  "--save-model", str(saved), budget="steps:2")
+    finally:
+        shutil.rmtree(scratch)
+    assert result["status"] == "ok", (result, log[-2000:])
+    assert "[leak] refused: PermissionError" in log, "the attack ran and was refused"
+    assert b"LEAK" not in saved.read_bytes() and saved.stat().st_mtime != 1234567.0

@@ -16,9 +16,9 @@ import pytest
 from rloopd import runs
 from rloopd.audit import audit
 from rloopd.home import Home
-from rloopd.loop import Loop
+from rloopd.loop import Loop, LoopOptions
 from rloopd.memory import experiments as ex
-from rloopd.memory.state import RunState, apply, fold
+from rloopd.memory.state import fold
 
 from .conftest import rloopd
 
@@ -142,24 +142,33 @@ def runs_event(type_, data):
 
 
 def test_projections_equal_a_rebuild_after_every_event(home, lab):
+    """The loop's own incremental state and the experiments table, after each event, equal a rebuild."""
     run = start(home, lab, n=4)
-    Loop(home, run).run()
+    table = ex.ExperimentsTable(home.log)
+    checked = []
+
+    def check(e):  # called per event once its whole batch is stored and folded
+        assert loop.state.position >= e.n
+        prefix = list(home.log.read(run, until_n=loop.state.position))
+        assert loop.state == fold(prefix), e.type
+        table.catch_up()
+        rows = {(r["run"], r["step"], r["replica"]): r for r in table.rows(run)}
+        assert rows == ex.rebuild(prefix), e.type
+        checked.append(e.n)
+
+    loop = Loop(home, run, LoopOptions(on_event=check))
+    final = loop.run()
     events = list(home.log.read(run))
-    live_state = RunState()
-    for i, e in enumerate(events):
-        live_state = apply(live_state, e)
-        assert live_state == fold(events[: i + 1])
-    rebuilt = ex.rebuild(events)
-    table = {(r["run"], r["step"], r["replica"]): r for r in ex.ExperimentsTable(home.log).rows(run)}
-    assert table == rebuilt
-    # incremental catch-up after every event equals the one-shot rebuild too
-    with Home.open(home.path.parent / "replay") as other:
-        t = ex.ExperimentsTable(other.log)
-        for e in events:
-            other.log.append(run, [runs_event(e.type, e.data)])
-            t.catch_up()
-            rows = {(r["run"], r["step"], r["replica"]): r for r in t.rows(run)}
-            assert rows == ex.rebuild(list(other.log.read(run)))
+    assert final == fold(events) and len(checked) == len(events) - 1  # all but run.created, seen live
+
+
+def test_runs_get_their_own_uids_and_no_sandbox_is_a_warning(home, lab):
+    a, b = start(home, lab, n=0), start(home, lab, n=0)
+    uids = [next(home.log.read(r)).data["uid"] for r in (a, b)]
+    assert uids[0] != uids[1]
+    c = start(home, lab, n=0, sandbox="none")
+    [warned] = [e.data for e in home.log.read(c, types=["run.warned"])]
+    assert warned["about"] == "sandbox" and "secrets" in warned["message"]
 
 
 def test_ctrl_c_stops_the_run_cleanly(home_dir, lab):
@@ -192,6 +201,7 @@ def test_ctrl_c_stops_the_run_cleanly(home_dir, lab):
     ("budget0", ["--budget", "0"], ["--budget"]),
     ("budgetneg", ["--budget", "-5"], ["--budget"]),
     ("agent", ["--agent", "gpt-9"], ["--agent"]),
+    ("sandbox", ["--sandbox", "bogus"], ["--sandbox", "bogus"]),
     ("nolab", [], ["rloop.toml", "no such file"]),
 ])
 def test_bad_input_is_one_line_and_appends_nothing(home_dir, home, lab, case, args, words):
@@ -293,3 +303,20 @@ def test_run_directory_equals_a_rebuild_from_the_log(home, lab, tmp_path):
     for rel in ("program.md", "memory/results.tsv", "memory/notes.md", "memory/checkpoint.pt", "frozen/experiment.py"):
         assert (scratch / rel).read_bytes() == (live / rel).read_bytes(), rel
     assert json.loads((live / "memory" / "checkpoint.pt").read_text())  # the best step's stand-in model
+
+
+def test_memory_holds_only_what_the_log_says(home, lab):
+    run = start(home, lab, n=0)
+    loop = Loop(home, run)
+    loop.run()
+    memory = home.run_dir(run) / "memory"
+    (memory / "stray.txt").write_text("not in the log")
+    (memory / "artifacts" / "plot.png").write_bytes(b"png")
+    blob = home.blobs.put(b"kept")
+    home.log.append(run, [runs_event("memory.written", {"path": "artifacts/table.csv", "blob": blob})])
+    loop.project()
+    assert not (memory / "stray.txt").exists() and not (memory / "artifacts" / "plot.png").exists()
+    assert (memory / "artifacts" / "table.csv").read_bytes() == b"kept"
+    home.log.append(run, [runs_event("memory.written", {"path": "artifacts/table.csv", "blob": None})])
+    loop.project()
+    assert not (memory / "artifacts" / "table.csv").exists() and (memory / "artifacts").is_dir()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rloopd.sandbox import run_uid, training_sandbox
+from rloopd.sandbox import SandboxError, allocate_uid, resolve_kind, training_sandbox
 
 from .conftest import need_tool
 
@@ -50,8 +50,8 @@ def test_bwrap_sandbox_confines_training(tmp_path):
     scratch.mkdir(parents=True)
     base = Path(tempfile.mkdtemp(dir=scratch))
     base.chmod(0o777)
-    sb = training_sandbox("run-1", hide=[home, lab], scratch=scratch, kind="bwrap")
-    assert sb.kind == "bwrap" and sb.uid == run_uid("run-1")
+    sb = training_sandbox(61007, hide=[home, lab], scratch=scratch, kind="bwrap")
+    assert sb.kind == "bwrap" and sb.uid == 61007
     prefix = [w.replace("{base}", str(base)) for w in sb.prefix]
     code = PROBE.replace("HOME", repr(str(home))).replace("LAB", repr(str(lab)))
     proc = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -66,10 +66,18 @@ def test_bwrap_sandbox_confines_training(tmp_path):
 
 
 def test_setpriv_and_none_kinds():
-    sb = training_sandbox("r", hide=[], kind="setpriv")
     if os.geteuid() == 0:
-        assert sb.kind == "setpriv" and f"--reuid={sb.uid}" in sb.prefix
-    else:
-        assert sb.kind == "none" and sb.prefix == []
-    assert training_sandbox("r", hide=[], kind="none").prefix == []
-    assert len({run_uid(f"run-{i}") for i in range(50)}) > 40, "runs get different uids"
+        sb = training_sandbox(61001, hide=[], kind="setpriv")
+        assert sb.kind == "setpriv" and "--reuid=61001" in sb.prefix
+    assert training_sandbox(61001, hide=[], kind="none").prefix == []
+    with pytest.raises(SandboxError, match="--sandbox 'bogus'"):
+        resolve_kind("bogus")
+
+
+def test_uids_are_allocated_one_per_run():
+    taken: set[int] = set()
+    for _ in range(50):
+        taken.add(allocate_uid(taken, (100, 149)))
+    assert taken == set(range(100, 150))
+    with pytest.raises(SandboxError, match="every uid"):
+        allocate_uid(taken, (100, 149))
