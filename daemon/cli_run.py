@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import threading
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,15 +13,15 @@ from rloopd import runs, views
 from rloopd.cli import HomeOpt, JsonOpt, app, command, emit_json, err, out
 from rloopd.home import Home
 from rloopd.log import Event
-from rloopd.loop import Loop, LoopOptions
+from rloopd.loop import Loop, LoopOptions, Stop
 
 AgentOpt = Annotated[str, typer.Option("--agent", "-a", help="random (one constant per step) or random:all.")]
 
 
 def follow_loop(h: Home, run: str) -> dict[str, Any]:
     """Run the loop in the foreground with a live table on stderr; Ctrl-C stops the run cleanly."""
-    stop = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = Stop()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set("stopped", by="ctrl-c"))
     created = next(h.log.read(run)).data
     table = views.LiveTable(created, total=created.get("experiments"))
     try:

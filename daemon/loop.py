@@ -13,8 +13,10 @@ from __future__ import annotations
 import shutil
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from rloopd import runs
@@ -25,26 +27,49 @@ from rloopd.lab import set_constants
 from rloopd.log import Event, NewEvent
 from rloopd.memory.experiments import ExperimentsTable, results_tsv
 from rloopd.memory.rundir import MemoryFiles, project_memory
-from rloopd.memory.state import RunState, fold
+from rloopd.memory.state import RunState, fold, parse_at
 from rloopd.runner import Experiment, Interrupted, Outcome, run_experiment
 from rloopd.sandbox import training_sandbox
 
 OnEvent = Callable[[Event], None]
+SlotFactory = Callable[[], AbstractContextManager[dict[str, str]]]
+
+
+class Stop:
+    """A request to end the loop, with why: `paused`, `stopped`, `window`, or `shutdown` (the daemon is
+    going down: the run stays `running` and resumes when a daemon starts again). Safe across threads."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.reason, self.by, self.request = "stopped", "cli", None
+
+    def set(self, reason: str = "stopped", by: str = "cli", request: str | None = None) -> None:
+        if not self.event.is_set():
+            self.reason, self.by, self.request = reason, by, request
+            self.event.set()
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
 
 
 @dataclass
 class LoopOptions:
-    stop: threading.Event | None = None
+    stop: Stop | None = None
     on_event: OnEvent | None = None
+    slot: SlotFactory | None = None  # held only while an experiment runs; yields its environment
 
 
 class Loop:
-    """Drives one run: `run()` until its experiment budget is spent or it is stopped."""
+    """Drives one run: `run()` until its experiment budget or window is spent, or it is stopped."""
 
     def __init__(self, home: Home, run: str, opts: LoopOptions | None = None):
         self.home, self.run_id, self.opts = home, run, opts or LoopOptions()
+        self.stop = self.opts.stop or Stop()
         self.table = ExperimentsTable(home.log)
-        self.state = fold(list(home.log.read(run)))
+        self.state = RunState()
+        self.mem = MemoryFiles()
+        self.written: dict[str, str] = {}
+        self.sync()
         self.created = self.state.created
         self.lab = runs.run_lab(home, self.state)
         self.run_dir = home.run_dir(run)
@@ -52,9 +77,21 @@ class Loop:
 
     # --- events ----------------------------------------------------------------------------------
 
+    def sync(self) -> list[Event]:
+        """Fold events other writers appended to this run (a live program edit, a command)."""
+        new = list(self.home.log.read(self.run_id, from_n=self.state.position + 1))
+        self._fold(new)
+        return new
+
+    def _fold(self, events: list[Event]) -> None:
+        self.state = fold(events, self.state)
+        for e in events:
+            self.mem.apply(e)
+
     def append(self, *new: NewEvent) -> list[Event]:
+        self.sync()
         stored = self.home.log.append(self.run_id, list(new), expected_n=self.state.position + 1)
-        self.state = fold(stored, self.state)
+        self._fold(stored)
         for e in stored:
             if self.opts.on_event:
                 self.opts.on_event(e)
@@ -62,26 +99,52 @@ class Loop:
 
     # --- the loop --------------------------------------------------------------------------------
 
+    def window_left(self, now: datetime | None = None) -> float | None:
+        """Seconds left in the run's window (active time only: experiments, not pauses or slot waits)."""
+        window = self.created.get("window_seconds")
+        if window is None:
+            return None
+        used = self.state.active_seconds
+        if self.state.in_flight is not None and self.state.flight_started_at:
+            used += ((now or datetime.now(UTC)) - parse_at(self.state.flight_started_at)).total_seconds()
+        return window - used
+
     def run(self) -> RunState:
         self.recover()
         cap = self.created.get("experiments")
         try:
             while self.state.status == "running":
-                if self.opts.stop is not None and self.opts.stop.is_set():
+                if self.stop.is_set():
                     raise Interrupted("stopped before the next experiment")
                 retry = self.state.retry
                 next_step, attempt = (retry.step, retry.attempt) if retry else (self.state.step + 1, 0)
+                left, budget = self.window_left(), self.lab.budget_seconds or 0.0
                 if cap is not None and next_step > cap:
-                    self.append(NewEvent("run.finished", {
-                        "reason": "experiment budget spent", "best": self.state.best,
-                        "best_step": self.state.best_step, "best_commit": self.state.best_commit}))
-                    break
-                self.experiment(next_step, attempt)
-        except Interrupted as e:
-            self.append(NewEvent("run.stopped", {"by": "interrupt", "reason": str(e)}))
+                    self.finish_run("experiment budget spent")
+                elif left is not None and left < max(budget, 1e-9):
+                    self.finish_run("window")
+                else:
+                    self.experiment(next_step, attempt)
+        except Interrupted:
+            self.interrupted()
         finally:
             self.project()
         return self.state
+
+    def finish_run(self, reason: str) -> None:
+        self.append(NewEvent("run.finished", {"reason": reason, "best": self.state.best,
+                                              "best_step": self.state.best_step, "best_commit": self.state.best_commit}))
+
+    def interrupted(self) -> None:
+        """Record why the loop ended early; a daemon shutdown records nothing, so the run resumes."""
+        reason, by = self.stop.reason, self.stop.by
+        rid = {"id": self.stop.request} if self.stop.request else {}
+        if reason == "paused":
+            self.append(NewEvent("run.paused", {"by": by, "reason": "paused"}, **rid))
+        elif reason == "window":
+            self.finish_run("window")
+        elif reason != "shutdown":
+            self.append(NewEvent("run.stopped", {"by": by, "reason": reason}, **rid))
 
     def recover(self) -> None:
         """Close an attempt left open by a crash; it is started again as the next attempt of its step."""
@@ -94,8 +157,7 @@ class Loop:
         self.project()
 
     def experiment(self, step: int, attempt: int) -> None:
-        workspace = self.run_dir / "workspace"
-        runs.restore_workspace(self.home, self.state, workspace)
+        workspace = self.run_dir / "workspace"  # at the best commit: recover() and each reject put it there
         if step == 0:
             commit, description, category, params = self.created["base_commit"], "baseline", None, {}
         else:
@@ -107,19 +169,26 @@ class Loop:
             commit = self.home.snapshots.commit(workspace, run=self.run_id, ref=f"s{step}-a{attempt}",
                                                 message=description, parent=self.state.best_commit)
         diff = self.home.snapshots.diff(self.state.best_commit if step else None, commit)
+        with (self.opts.slot or _no_slot)() as env:
+            if self.stop.is_set():
+                raise Interrupted("stopped while waiting for a slot")
+            self.run_attempt(step, attempt, commit, description, category, params, diff, env)
+
+    def run_attempt(self, step: int, attempt: int, commit: str, description: str, category: str | None,
+                    params: dict, diff: str, env: dict[str, str]) -> None:
         self.append(NewEvent("experiment.started", {
             "step": step, "attempt": attempt, "commit": commit, "description": description,
             "category": category, "params": params, "program_blob": self.state.program_blob,
             "diff_blob": self.home.blobs.put_text(diff)}))
         try:
-            outcome = self.execute(commit, step, attempt)
+            outcome = self.execute(commit, step, attempt, env)
         except Interrupted:
             self.append(NewEvent("experiment.finished", {
                 "step": step, "attempt": attempt, "status": "interrupted", "metrics": {}}))
             raise
         self.finish(step, attempt, commit, outcome)
 
-    def execute(self, commit: str, step: int, attempt: int) -> Outcome:
+    def execute(self, commit: str, step: int, attempt: int, env: dict[str, str]) -> Outcome:
         runs.check_manifest(self.home, self.created)
         scratch = self.home.path / "tmp" / self.run_id / "scratch"
         snapshot = self.home.path / "tmp" / self.run_id / f"ws-{step}-{attempt}"
@@ -134,9 +203,10 @@ class Loop:
                          timeout=self.lab.timeout, seed=self.created["seed"] * 1000 + step,
                          secrets=runs.lab_secrets(self.home), sandbox=sandbox.prefix,
                          cache=self.home.path / "cache", scratch=scratch,
-                         private=self.home.path / "tmp" / self.run_id / "judge", extra_args=self.lab.entry_args())
+                         private=self.home.path / "tmp" / self.run_id / "judge", extra_args=self.lab.entry_args(),
+                         env=env)
         try:
-            return run_experiment(exp, self.opts.stop)
+            return run_experiment(exp, self.stop.event)
         finally:
             shutil.rmtree(snapshot, ignore_errors=True)
 
@@ -162,9 +232,12 @@ class Loop:
 
     def project(self) -> None:
         """Bring the experiments table and the run directory up to the log."""
+        self.sync()
         self.table.catch_up()
-        mem = MemoryFiles()
-        for e in self.home.log.read(self.run_id):
-            mem.apply(e)
-        project_memory(self.run_dir, mem, self.home.blobs,
-                       results_tsv(self.table.rows(self.run_id), self.created["metric"]))
+        project_memory(self.run_dir, self.mem, self.home.blobs,
+                       results_tsv(self.table.rows(self.run_id), self.created["metric"]), self.written)
+
+
+@contextmanager
+def _no_slot() -> Iterator[dict[str, str]]:
+    yield {}

@@ -73,23 +73,36 @@ def materialize_frozen(run_dir: Path, manifest: list[dict[str, Any]], blobs: Blo
         write_atomic(dest, blobs.get(entry["blob"]), stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
 
 
-def project_memory(run_dir: Path, mem: MemoryFiles, blobs: BlobStore, results_tsv: str) -> None:
-    """Write program.md and memory/ from the fold; results.tsv from the experiments projection."""
+def project_memory(run_dir: Path, mem: MemoryFiles, blobs: BlobStore, results_tsv: str,
+                   written: dict[str, str] | None = None) -> None:
+    """Write program.md and memory/ from the fold; results.tsv from the experiments projection.
+
+    `written` (path -> blob) remembers what an earlier call wrote, so an unchanged file (a checkpoint of
+    megabytes) is not rewritten after every experiment; pass the same dict each time, or None.
+    """
+    written = {} if written is None else written
+
+    def put(path: Path, blob: str, mode: int = 0o644) -> None:
+        key = str(path)
+        if written.get(key) != blob or not path.exists():
+            write_atomic(path, blobs.get(blob), mode)
+            written[key] = blob
+
     if mem.program_blob:
-        write_atomic(run_dir / "program.md", blobs.get(mem.program_blob), 0o444)
+        put(run_dir / "program.md", mem.program_blob, 0o444)
     memory = run_dir / "memory"
     (memory / "artifacts").mkdir(parents=True, exist_ok=True)
     write_atomic(memory / "results.tsv", results_tsv.encode(), 0o444)
     notes = memory / "notes.md"
     if "notes.md" in mem.files:
-        write_atomic(notes, blobs.get(mem.files["notes.md"]))
+        put(notes, mem.files["notes.md"])
     elif not notes.exists():
         write_atomic(notes, b"")
     for path, blob in mem.files.items():
         if path != "notes.md":
-            write_atomic(memory / path, blobs.get(blob))
+            put(memory / path, blob)
     if mem.checkpoint_blob:
-        write_atomic(memory / CHECKPOINT, blobs.get(mem.checkpoint_blob), 0o444)
+        put(memory / CHECKPOINT, mem.checkpoint_blob, 0o444)
     # What is not in the log does not survive: files the fold does not name are removed.
     keep = {"results.tsv", "notes.md", *mem.files} | ({CHECKPOINT} if mem.checkpoint_blob else set())
     for path in sorted(memory.rglob("*"), reverse=True):
@@ -97,5 +110,6 @@ def project_memory(run_dir: Path, mem: MemoryFiles, blobs: BlobStore, results_ts
         if path.is_file() or path.is_symlink():
             if rel not in keep:
                 path.unlink()
+                written.pop(str(path), None)
         elif path.is_dir() and rel != "artifacts" and not any(path.iterdir()):
             path.rmdir()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 from rloopd.log import Event
@@ -39,6 +40,8 @@ class RunState:
     last_end_reason: str | None = None
     program_blob: str | None = None
     in_flight: Attempt | None = None
+    flight_started_at: str | None = None
+    active_seconds: float = 0.0  # the window clock: time spent in experiments (not paused, not waiting)
     retry: Attempt | None = None  # an interrupted attempt, to be started again as the next attempt
     last_status: str | None = None
     checkpoint_blob: str | None = None
@@ -55,14 +58,16 @@ def apply(state: RunState, e: Event) -> RunState:
                        base_commit=d.get("base_commit", ""), best_commit=d.get("base_commit") or None,
                        program_blob=d.get("program_blob"))
     if t == "experiment.started":
-        return replace(s, step=max(s.step, d["step"]), retry=None,
+        return replace(s, step=max(s.step, d["step"]), retry=None, flight_started_at=e.at,
                        in_flight=Attempt(d["step"], d.get("replica", 0), d.get("attempt", 0), d["commit"]))
     if t == "experiment.finished":
         counted = d["step"] >= 1 and d.get("replica", 0) == 0 and d["status"] != "interrupted"
         retry = None
         if d["status"] == "interrupted":
             retry = Attempt(d["step"], d.get("replica", 0), d.get("attempt", 0) + 1, "")
-        return replace(s, in_flight=None, last_status=d["status"], retry=retry,
+        spent = (parse_at(e.at) - parse_at(s.flight_started_at)).total_seconds() if s.flight_started_at else 0.0
+        return replace(s, in_flight=None, last_status=d["status"], retry=retry, flight_started_at=None,
+                       active_seconds=s.active_seconds + max(spent, 0.0),
                        experiments=s.experiments + counted, valid=s.valid + (counted and d["status"] == "ok"))
     if t == "checkpoint.saved":
         return replace(s, checkpoint_blob=d["blob"])
@@ -84,6 +89,11 @@ def apply(state: RunState, e: Event) -> RunState:
             status = "failed"
         return replace(s, status=status)
     return s
+
+
+def parse_at(at: str) -> datetime:
+    """An event's `at` (UTC, ISO 8601 with `Z`) as an aware datetime."""
+    return datetime.fromisoformat(at.replace("Z", "+00:00"))
 
 
 def fold(events: list[Event], state: RunState | None = None) -> RunState:
