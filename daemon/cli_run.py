@@ -9,24 +9,32 @@ from typing import Annotated, Any
 import typer
 from rich.live import Live
 
-from rloopd import runs, views
+from rloopd import control, runs, views
 from rloopd.cli import HomeOpt, JsonOpt, app, command, emit_json, err, out
 from rloopd.home import Home
+from rloopd.lock import HomeLock, daemon_running
 from rloopd.log import Event
 from rloopd.loop import Loop, LoopOptions, Stop
+from rloopd.memory.state import fold
 
 AgentOpt = Annotated[str, typer.Option("--agent", "-a", help="random (one constant per step) or random:all.")]
 
 
-def follow_loop(h: Home, run: str) -> dict[str, Any]:
-    """Run the loop in the foreground with a live table on stderr; Ctrl-C stops the run cleanly."""
-    stop = Stop()
-    previous = signal.signal(signal.SIGINT, lambda *_: stop.set("stopped", by="ctrl-c"))
+def live_table(h: Home, run: str) -> tuple[views.LiveTable, Live]:
     created = next(h.log.read(run)).data
     table = views.LiveTable(created, total=created.get("experiments"))
+    return table, Live(table.render(), console=err, refresh_per_second=4, transient=False, redirect_stdout=False)
+
+
+def follow_loop(h: Home, run: str) -> dict[str, Any]:
+    """No daemon: hold the home's lock and drive the loop here; Ctrl-C stops the run cleanly."""
+    lock = HomeLock(h.path)
+    lock.acquire("foreground run")
+    stop = Stop()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set("stopped", by="ctrl-c"))
+    table, live = live_table(h, run)
     try:
-        with Live(table.render(), console=err, refresh_per_second=4, transient=False,
-                  redirect_stdout=False) as live:
+        with live:
             def on_event(e: Event) -> None:
                 table.add(e)
                 live.update(table.render())
@@ -34,7 +42,29 @@ def follow_loop(h: Home, run: str) -> dict[str, Any]:
             state = Loop(h, run, LoopOptions(stop=stop, on_event=on_event)).run()
     finally:
         signal.signal(signal.SIGINT, previous)
+        lock.release()
     return views.run_summary(h, state)
+
+
+def follow_daemon(h: Home, run: str) -> dict[str, Any]:
+    """A daemon drives the run: follow its events until it leaves `running`; Ctrl-C asks it to stop."""
+    stopping = {"asked": False}
+
+    def on_sigint(*_: Any) -> None:
+        if not stopping["asked"]:
+            stopping["asked"] = True
+            control.call(h.path, "stop", {"run": run})
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    table, live = live_table(h, run)
+    try:
+        with live:
+            for e in h.log.follow(run, poll_seconds=0.1, stop=lambda: fold(list(h.log.read(run))).status != "running"):
+                table.add(e)
+                live.update(table.render())
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return views.run_summary(h, fold(list(h.log.read(run))))
 
 
 @app.command("run")
@@ -47,24 +77,48 @@ def run_cmd(
     seed: Annotated[int, typer.Option("--seed", help="The run's seed (proposals, training).")] = 0,
     name: Annotated[str | None, typer.Option("--name", help="A name to refer to the run by.")] = None,
     sandbox: Annotated[str, typer.Option("--sandbox", help="auto, bwrap, setpriv or none.")] = "auto",
+    window: Annotated[str | None, typer.Option("--window", help="Active time the run may use, e.g. 4h15m.")] = None,
+    detach: Annotated[bool, typer.Option("--detach", "-d", help="Hand the run to the daemon and return.")] = False,
     json_: JsonOpt = False,
     home: HomeOpt = None,
 ) -> None:
-    """Create a run of a lab and drive it in the foreground: the baseline, then N experiments.
+    """Create a run of a lab and drive it: the baseline, then N experiments.
+
+    With a daemon serving the home (`rloopd serve`), the run is handed to it and followed here;
+    `--detach` returns at once with the run id. Without one, the run is driven in this process.
 
     Example: rloopd run --lab . --agent random --experiments 8 --budget steps:200 --seed 1
     """
     with Home.open(home) as h:
-        run = runs.create_run(h, lab, agent=agent, experiments=experiments, budget=budget, seed=seed,
-                              name=name, sandbox=sandbox)
-        err.print(f"run {run} in {h.run_dir(run)}")
-        summary = follow_loop(h, run)
+        served = daemon_running(h.path) and control.socket_path(h.path).exists()
+        if detach and not served:
+            raise typer.Exit(code=_no_daemon(h.path))
+        if served:
+            run = control.call(h.path, "run", {
+                "lab": str(lab.absolute()), "agent": agent, "experiments": experiments, "budget": budget,
+                "seed": seed, "name": name, "sandbox": sandbox, "window": window})["run_id"]
+            if detach:
+                emit_json({"run_id": run}) if json_ else out.print(run)
+                return
+            err.print(f"run {run} handed to the daemon; following (Ctrl-C stops it)")
+            summary = follow_daemon(h, run)
+        else:
+            run = runs.create_run(h, lab, agent=agent, experiments=experiments, budget=budget, seed=seed,
+                                  name=name, sandbox=sandbox, window=window)
+            err.print(f"run {run} in {h.run_dir(run)}")
+            summary = follow_loop(h, run)
     if json_:
         emit_json(summary)
     else:
         views.print_summary(out, summary)
     if summary["status"] == "stopped":
         raise typer.Exit(130)
+
+
+def _no_daemon(home: Path) -> int:
+    err.print(f"rloopd: error: --detach: no daemon serves {home}; start one with `rloopd serve --home {home}`",
+              highlight=False, soft_wrap=True)
+    return 2
 
 
 @app.command("status")
@@ -76,6 +130,10 @@ def status_cmd(json_: JsonOpt = False, home: HomeOpt = None) -> None:
     """
     with Home.open(home, create=False) as h:
         rows = views.status_rows(h)
+        if daemon_running(h.path) and control.socket_path(h.path).exists():
+            live = control.call(h.path, "status", timeout=10)["runs"]
+            for row in rows:
+                row["live"] = live.get(row["run_id"])
     if json_:
         emit_json(rows)
     else:

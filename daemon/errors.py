@@ -11,6 +11,14 @@ class HomeError(RloopdError):
     """The home directory is missing, unwritable, or holds something that is not an rloopd home."""
 
 
+class HomeBusy(RloopdError):
+    """Another process (a daemon, or a foreground run) is the home's writer."""
+
+
+class DaemonError(RloopdError):
+    """The daemon refused a request or could not be reached."""
+
+
 class LogCorrupt(RloopdError):
     """events.db is not an rloopd event log (or not a database at all)."""
 

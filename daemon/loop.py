@@ -22,6 +22,7 @@ from pathlib import Path
 from rloopd import runs
 from rloopd.agents import random_search
 from rloopd.decide import decide
+from rloopd.errors import StaleRun
 from rloopd.home import Home
 from rloopd.lab import set_constants
 from rloopd.log import Event, NewEvent
@@ -89,8 +90,14 @@ class Loop:
             self.mem.apply(e)
 
     def append(self, *new: NewEvent) -> list[Event]:
-        self.sync()
-        stored = self.home.log.append(self.run_id, list(new), expected_n=self.state.position + 1)
+        for tries in range(5):  # another writer (the program watcher) may append between sync and append
+            self.sync()
+            try:
+                stored = self.home.log.append(self.run_id, list(new), expected_n=self.state.position + 1)
+                break
+            except StaleRun:
+                if tries == 4:
+                    raise
         self._fold(stored)
         for e in stored:
             if self.opts.on_event:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
@@ -75,8 +76,21 @@ def with_budget(lab: Lab, budget: str) -> Lab:
         raise LabConfigError(f"--budget {budget}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
 
 
+def parse_window(text: str) -> float:
+    """`4h15m`, `90m`, `30s`, `2h` or plain seconds -> seconds (> 0)."""
+    m = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*", text or "")
+    seconds = None
+    if m and any(m.groups()):
+        h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+        seconds = h * 3600 + mi * 60 + s
+    if not seconds or seconds <= 0:
+        raise LabConfigError(f"--window {text!r}: use a duration such as 4h15m, 90m or 600s")
+    return seconds
+
+
 def create_run(home: Home, lab_dir: Path, *, agent: str, experiments: int | None, budget: str | None,
-               seed: int, name: str | None, sandbox: str = "auto") -> str:
+               seed: int, name: str | None, sandbox: str = "auto", window: str | None = None,
+               request: str | None = None) -> str:
     """Validate everything first, then append `run.created`; nothing is written on a bad argument."""
     from rloopd.agents.random_search import parse_agent
 
@@ -92,6 +106,9 @@ def create_run(home: Home, lab_dir: Path, *, agent: str, experiments: int | None
         raise LabConfigError(f"--experiments {experiments}: must be 0 or more")
     if name and any(e.data.get("name") == name for e in home.log.runs()):
         raise LabConfigError(f"--name {name!r}: a run with that name exists already")
+    window_seconds = parse_window(window) if window is not None else None
+    if window_seconds is not None and lab.budget_seconds and window_seconds < lab.budget_seconds:
+        raise LabConfigError(f"--window {window}: shorter than one experiment's budget ({lab.budget} s)")
     kind = resolve_kind(sandbox)
     uid = allocate_uid({e.data["uid"] for e in home.log.runs() if e.data.get("uid") is not None})
     run = new_run_id()
@@ -105,7 +122,8 @@ def create_run(home: Home, lab_dir: Path, *, agent: str, experiments: int | None
         "agent": agent,
         "budget": lab.budget, "experiments": experiments, "seed": seed, "base_commit": base,
         "program_blob": home.blobs.put(program), "sandbox": kind, "uid": uid,
-        "search_space": {"editable": lab.editable}})], expected_n=0)
+        "search_space": {"editable": lab.editable}, "window_seconds": window_seconds},
+        **({"id": request} if request else {}))], expected_n=0)
     if kind == "none":
         home.log.append_one(run, "run.warned", {"about": "sandbox", "message": (
             "no sandbox: training runs as the daemon's own user and can read the home, including the "

@@ -91,11 +91,13 @@ def status_rows(h: Home) -> list[dict[str, Any]]:
 
 def status_table(rows: list[dict[str, Any]]) -> Table:
     table = Table()
-    for col in ("run", "name", "status", "agent", "step", "exps", "kept", "best"):
-        table.add_column(col)
+    for col in ("run", "name", "status", "agent", "step", "exps", "kept", "best", "slot", "elapsed"):
+        table.add_column(col, no_wrap=col in ("run", "best"))
     for r in rows:
+        live = r.get("live") or {}
         table.add_row(r["run_id"], r["name"], r["status"], r["agent"], str(r["step"]), str(r["experiments"]),
-                      str(r["accepted"]), f"{r['metric']} {_fmt(r['best'])}")
+                      str(r["accepted"]), f"{r['metric']} {_fmt(r['best'])}", ",".join(live.get("slot") or []) or "-",
+                      f"{live['elapsed']:.0f} s" if live.get("elapsed") is not None else "-")
     return table
 
 

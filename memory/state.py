@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from rloopd.log import Event
@@ -39,6 +40,7 @@ class RunState:
     restarts: int = 0
     last_end_reason: str | None = None
     program_blob: str | None = None
+    program_path: str | None = None  # the file a live run follows (the lab's program.md, or one given later)
     in_flight: Attempt | None = None
     flight_started_at: str | None = None
     active_seconds: float = 0.0  # the window clock: time spent in experiments (not paused, not waiting)
@@ -56,7 +58,8 @@ def apply(state: RunState, e: Event) -> RunState:
         return replace(s, run=e.stream, name=d["name"], status="running", created=d,
                        metric=d.get("metric", "val_bpb"), direction=d.get("direction", "minimize"),
                        base_commit=d.get("base_commit", ""), best_commit=d.get("base_commit") or None,
-                       program_blob=d.get("program_blob"))
+                       program_blob=d.get("program_blob"),
+                       program_path=str(Path(d["lab"]) / d.get("config", {}).get("program", "program.md")))
     if t == "experiment.started":
         return replace(s, step=max(s.step, d["step"]), retry=None, flight_started_at=e.at,
                        in_flight=Attempt(d["step"], d.get("replica", 0), d.get("attempt", 0), d["commit"]))
@@ -77,7 +80,7 @@ def apply(state: RunState, e: Event) -> RunState:
         return replace(s, best=d["best_after"], best_step=d["step"], best_commit=d.get("best_commit") or s.best_commit,
                        accepted=s.accepted + (d["step"] >= 1))
     if t == "program.changed":
-        return replace(s, program_blob=d["program_blob"])
+        return replace(s, program_blob=d["program_blob"], program_path=d.get("path") or s.program_path)
     if t == "session.started":  # a restart: a session opened because the agent ended the one before
         return replace(s, sessions=s.sessions + 1, restarts=s.restarts + (s.last_end_reason == "agent-exit"))
     if t == "session.ended":

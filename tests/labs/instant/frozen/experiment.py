@@ -28,6 +28,7 @@ for node in ast.parse(Path(a.workspace, "train.py").read_text()).body:
     if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
         consts[node.targets[0].id] = ast.literal_eval(node.value)
 status = consts.get("STATUS", "ok")
+time.sleep(float(consts.get("SLEEP", 0.0)))
 if status == "hang":
     time.sleep(3600)
 if status == "crashed":

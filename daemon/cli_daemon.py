@@ -1,0 +1,126 @@
+"""CLI commands that talk to the daemon: serve, pause, resume, stop, program, backup."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import structlog
+import typer
+
+from rloopd import control
+from rloopd.cli import HomeOpt, JsonOpt, app, command, emit_json, out
+from rloopd.errors import DaemonError
+from rloopd.home import Home, default_home
+from rloopd.lock import daemon_running
+
+RunArg = Annotated[str, typer.Argument(help="Run id, unique prefix or name.")]
+
+
+def configure_logging() -> None:
+    """structlog: JSON lines on stdout (journald keeps them), readable lines when stdout is a terminal."""
+    renderer = structlog.dev.ConsoleRenderer() if sys.stdout.isatty() else structlog.processors.JSONRenderer()
+    structlog.configure(
+        processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True),
+                    structlog.processors.format_exc_info, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout), cache_logger_on_first_use=True)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+@app.command("serve")
+@command
+def serve_cmd(
+    gpus: Annotated[str, typer.Option("--gpus", help="auto, none, or GPU indices such as 0,1,3.")] = "auto",
+    cpu_slots: Annotated[int, typer.Option("--cpu-slots", help="Experiment slots when there is no GPU.")] = 1,
+    synchronous: Annotated[str, typer.Option("--synchronous", help="SQLite durability: FULL, NORMAL.")] = "FULL",
+    home: HomeOpt = None,
+) -> None:
+    """Run the daemon: serve the home's runs on a pool of slots until SIGTERM or Ctrl-C.
+
+    Example: rloopd serve --home /var/lib/rloopd --gpus auto
+    """
+    from rloopd.service import Daemon, ensure_not_stale
+    from rloopd.slots import SlotPool, parse_slots
+
+    kind, names = parse_slots(gpus, cpu_slots)
+    path = Path(home) if home else default_home()
+    Home.open(path, synchronous=synchronous).close()  # a clear error for a bad home, before anything else
+    ensure_not_stale(path)
+    configure_logging()
+    Daemon(path, SlotPool(kind, names), synchronous=synchronous).run_forever()
+
+
+def _send(home: Path | None, op: str, args: dict) -> dict:
+    path = Path(home) if home else default_home()
+    if not (daemon_running(path) and control.socket_path(path).exists()):
+        raise DaemonError(f"no daemon serves {path}: start one with `rloopd serve --home {path}`")
+    return control.call(path, op, args)
+
+
+def _report(result: dict, json_: bool) -> None:
+    if json_:
+        emit_json(result)
+    else:
+        out.print(f"run {result['run_id']}: {result.get('status', result.get('program', 'ok'))}")
+
+
+@app.command("pause")
+@command
+def pause_cmd(run: RunArg, json_: JsonOpt = False, home: HomeOpt = None) -> None:
+    """Pause a live run: its experiment in flight ends as interrupted; its window clock stops.
+
+    Example: rloopd pause lr-sweep
+    """
+    _report(_send(home, "pause", {"run": run}), json_)
+
+
+@app.command("resume")
+@command
+def resume_cmd(run: RunArg, json_: JsonOpt = False, home: HomeOpt = None) -> None:
+    """Resume a paused or stopped run on the daemon.
+
+    Example: rloopd resume lr-sweep
+    """
+    _report(_send(home, "resume", {"run": run}), json_)
+
+
+@app.command("stop")
+@command
+def stop_cmd(run: RunArg, json_: JsonOpt = False, home: HomeOpt = None) -> None:
+    """Stop a run: its experiment in flight is recorded as interrupted; `resume` can continue it.
+
+    Example: rloopd stop lr-sweep
+    """
+    _report(_send(home, "stop", {"run": run}), json_)
+
+
+@app.command("program")
+@command
+def program_cmd(run: RunArg, file: Annotated[Path, typer.Argument(help="The program file this run follows now.")],
+                json_: JsonOpt = False, home: HomeOpt = None) -> None:
+    """Give one run its own program file: recorded now, watched from now on.
+
+    Example: rloopd program lr-sweep ~/programs/deeper.md
+    """
+    _report(_send(home, "program", {"run": run, "file": str(file.absolute())}), json_)
+
+
+@app.command("backup")
+@command
+def backup_cmd(dest: Annotated[Path, typer.Argument(help="A new directory for the copy.")],
+               json_: JsonOpt = False, home: HomeOpt = None) -> None:
+    """Take a consistent copy of the home while runs go on: the log (SQLite's backup API), blobs, snapshots.
+
+    Example: rloopd backup /mnt/backups/rloopd-2026-11-26
+    """
+    from rloopd.backup import backup
+
+    with Home.open(home, create=False) as h:
+        summary = backup(h, dest)
+    if json_:
+        emit_json(summary)
+    else:
+        out.print(f"backup of {summary['events']} events, {summary['blobs']} blobs in {dest}")

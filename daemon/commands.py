@@ -1,0 +1,139 @@
+"""What the daemon does for each control request: one function per op, each returning a small dict.
+
+Every effect is an event. A command's request id becomes the id of the event it causes, so a client that
+retries after a lost reply finds the event already stored and the command is not applied twice.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rloopd import __version__, runs
+from rloopd.errors import DaemonError
+from rloopd.home import Home
+from rloopd.log import NewEvent
+from rloopd.memory.rundir import write_atomic
+from rloopd.memory.state import RunState, fold
+
+if TYPE_CHECKING:
+    from rloopd.service import Daemon
+
+
+def _state(home: Home, run: str) -> RunState:
+    return fold(list(home.log.read(run)))
+
+
+def _done_before(home: Home, request: str) -> bool:
+    return bool(home.log.conn.execute("SELECT 1 FROM events WHERE id = ?", (request,)).fetchone())
+
+
+def _wait_status(home: Home, run: str, leaving: str, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = _state(home, run).status
+        if status != leaving:
+            return status
+        time.sleep(0.05)
+    raise DaemonError(f"run {run} did not leave {leaving} within {timeout:.0f} s")
+
+
+def ping(daemon: Daemon, home: Home, args: dict, request: str) -> dict[str, Any]:
+    import os
+
+    return {"pid": os.getpid(), "version": __version__}
+
+
+def run(daemon: Daemon, home: Home, args: dict, request: str) -> dict[str, Any]:
+    prior = home.log.conn.execute("SELECT stream FROM events WHERE id = ?", (request,)).fetchone()
+    if prior:
+        return {"run_id": prior[0]}
+    run_id = runs.create_run(home, Path(args["lab"]), agent=args.get("agent", "random"),
+                             experiments=args.get("experiments"), budget=args.get("budget"),
+                             seed=int(args.get("seed", 0)), name=args.get("name"),
+                             sandbox=args.get("sandbox", "auto"), window=args.get("window"), request=request)
+    daemon.start_worker(run_id)
+    return {"run_id": run_id}
+
+
+def _live(daemon: Daemon, run: str):
+    with daemon.guard:
+        return daemon.workers.get(run)
+
+
+def pause(daemon: Daemon, home: Home, args: dict, request: str) -> dict[str, Any]:
+    run_id = home.log.resolve(args["run"])
+    if _done_before(home, request):
+        return {"run_id": run_id, "status": _state(home, run_id).status}
+    state = _state(home, run_id)
+    if state.status != "running":
+        raise DaemonError(f"run {run_id} is {state.status}, not running: nothing to pause")
+    worker = _live(daemon, run_id)
+    if worker is None:
+        home.log.append(run_id, [NewEvent("run.paused", {"by": "cli"}, id=request)])
+        return {"run_id": run_id, "status": "paused"}
+    worker.stop.set("paused", by="cli", request=request)
+    return {"run_id": run_id, "status": _wait_status(home, run_id, "running")}
+
+
+def stop(daemon: Daemon, home: Home, args: dict, request: str) -> dict[str, Any]:
+    run_id = home.log.resolve(args["run"])
+    if _done_before(home, request):
+        return {"run_id": run_id, "status": _state(home, run_id).status}
+    state = _state(home, run_id)
+    worker = _live(daemon, run_id)
+    if state.status == "running" and worker is not None:
+        worker.stop.set("stopped", by="cli", request=request)
+        return {"run_id": run_id, "status": _wait_status(home, run_id, "running")}
+    if state.status in ("running", "paused"):
+        home.log.append(run_id, [NewEvent("run.stopped", {"by": "cli"}, id=request)])
+        return {"run_id": run_id, "status": "stopped"}
+    raise DaemonError(f"run {run_id} is {state.status}: nothing to stop")
+
+
+def resume(daemon: Daemon, home: Home, args: dict, request: str) -> dict[str, Any]:
+    run_id = home.log.resolve(args["run"])
+    if not _done_before(home, request):
+        state = _state(home, run_id)
+        if state.status not in ("paused", "stopped"):
+            raise DaemonError(f"run {run_id} is {state.status}: only a paused or stopped run can resume")
+        home.log.append(run_id, [NewEvent("run.resumed", {"by": "cli"}, id=request)])
+    if _state(home, run_id).status == "running":
+        daemon.start_worker(run_id)
+    return {"run_id": run_id, "status": _state(home, run_id).status}
+
+
+def program(daemon: Daemon, home: Home, args: dict, request: str) -> dict[str, Any]:
+    run_id = home.log.resolve(args["run"])
+    path = Path(args["file"]).absolute()
+    if not _done_before(home, request):
+        state = _state(home, run_id)
+        if state.status in ("finished", "failed", "archived"):
+            raise DaemonError(f"run {run_id} is {state.status}: its program no longer matters")
+        try:
+            text = path.read_bytes()
+        except OSError as e:
+            raise DaemonError(f"{path}: cannot read the program file ({e.strerror})") from None
+        blob = home.blobs.put(text)
+        home.log.append(run_id, [NewEvent("program.changed", {"program_blob": blob, "source": "cli",
+                                                              "path": str(path)}, id=request)])
+        write_atomic(home.run_dir(run_id) / "program.md", text, 0o444)
+    return {"run_id": run_id, "program": str(path)}
+
+
+def status(daemon: Daemon, home: Home, args: dict, request: str) -> dict[str, Any]:
+    live = {}
+    with daemon.guard:
+        workers = list(daemon.workers.values())
+    for w in workers:
+        left = w.loop.window_left() if w.loop is not None else None
+        live[w.run] = {"slot": daemon.pool.slot_of(w.run), "step": w.step,
+                       "elapsed": round(time.monotonic() - w.started, 1),
+                       "window_left": None if left is None else round(left, 1)}
+    return {"pid": __import__("os").getpid(), "heartbeat": daemon.heartbeat, "slots": daemon.pool.names,
+            "busy": dict(daemon.pool.holders), "runs": live}
+
+
+HANDLERS = {"ping": ping, "run": run, "pause": pause, "resume": resume, "stop": stop, "program": program,
+            "status": status}

@@ -1,0 +1,255 @@
+"""`rloopd serve`: one daemon per home that runs many runs at once on a pool of slots.
+
+The process follows huey's shape: `initialize()` (take the lock, recover, start the scheduler, the
+program watcher and the control socket, tell systemd READY), `loop()` (reap finished runs; signal
+handlers only set a flag that it checks), `shutdown()` (stop taking work, end in-flight experiments as
+`interrupted`, record `daemon.stopped`, tell systemd STOPPING). Every run lives in its own thread with
+its own connection to the log; commands reach a run through its `Stop` request or, for a run not in
+flight, as an event the daemon appends itself.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socketserver
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from rloopd import __version__, control
+from rloopd.errors import DaemonError, RloopdError
+from rloopd.home import Home
+from rloopd.lock import HomeLock
+from rloopd.log import Event, NewEvent
+from rloopd.loop import Loop, LoopOptions, Stop
+from rloopd.memory.state import fold
+from rloopd.notify import notify, watchdog_interval
+from rloopd.slots import SlotPool
+from rloopd.watch import ProgramWatcher
+
+log = structlog.get_logger("rloopd.daemon")
+
+
+@dataclass
+class Worker:
+    """One live run: its thread, its stop request, and what `status` shows about it."""
+
+    run: str
+    stop: Stop = field(default_factory=Stop)
+    thread: threading.Thread | None = None
+    loop: Loop | None = None
+    started: float = field(default_factory=time.monotonic)
+    step: int | None = None
+
+
+class Daemon:
+    def __init__(self, home: Path, pool: SlotPool, synchronous: str = "FULL"):
+        self.home_path, self.pool, self.synchronous = Path(home), pool, synchronous
+        self.lock = HomeLock(self.home_path)
+        self.stopping = threading.Event()
+        self.workers: dict[str, Worker] = {}
+        self.guard = threading.RLock()
+        self.heartbeat = time.time()
+        self.home: Home | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def initialize(self) -> None:
+        self.home = Home.open(self.home_path, synchronous=self.synchronous)
+        self.lock.acquire("daemon")
+        recovered = [c.stream for c in self.home.log.runs() if fold(list(self.home.log.read(c.stream))).status == "running"]
+        self.home.log.append_one("home", "daemon.started", {
+            "version": __version__, "pid": os.getpid(),
+            "recovery": {"runs": recovered, "slots": self.pool.names}})
+        for run in recovered:
+            self.start_worker(run)
+        self.scheduler = BackgroundScheduler(daemon=True)
+        self.scheduler.add_job(self.close_windows, "interval", seconds=1, id="windows", max_instances=1)
+        self.scheduler.add_job(self.checkpoint_wal, "interval", seconds=300, id="wal", max_instances=1)
+        self.scheduler.add_job(self.beat, "interval", seconds=5, id="heartbeat", max_instances=1)
+        interval = watchdog_interval()
+        if interval:
+            self.scheduler.add_job(lambda: notify("WATCHDOG=1"), "interval", seconds=interval, id="watchdog")
+        self.scheduler.start()
+        self.watcher = ProgramWatcher(self.home_path, self.followed, self.stopping)
+        self.watcher.start()
+        self.server = self.serve_socket()
+        self.beat()
+        notify("READY=1")
+        log.info("daemon ready", home=str(self.home_path), pid=os.getpid(), slots=self.pool.names,
+                 recovered=recovered)
+
+    def loop(self, timeout: float = 0.5) -> None:
+        """One turn: forget runs whose thread ended; then wait for work or a stop signal."""
+        with self.guard:
+            for run, w in list(self.workers.items()):
+                if w.thread is not None and not w.thread.is_alive():
+                    del self.workers[run]
+        self.stopping.wait(timeout)
+
+    def shutdown(self, reason: str = "signal") -> None:
+        notify("STOPPING=1")
+        log.info("daemon stopping", reason=reason)
+        self.stopping.set()
+        self.server.shutdown()
+        self.server.server_close()
+        with self.guard:
+            workers = list(self.workers.values())
+        for w in workers:
+            w.stop.set("shutdown", by="daemon")
+        for w in workers:
+            if w.thread is not None:
+                w.thread.join(timeout=8)
+        self.scheduler.shutdown(wait=False)
+        self.home.log.append_one("home", "daemon.stopped", {"reason": reason})
+        self.home.close()
+        control.socket_path(self.home_path).unlink(missing_ok=True)
+        self.lock.release()
+
+    def run_forever(self) -> None:
+        reason = {"why": "stopped"}
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            reason["why"] = signal.Signals(signum).name
+            self.stopping.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.initialize()
+        try:
+            while not self.stopping.is_set():
+                self.loop()
+        finally:
+            self.shutdown(reason["why"])
+
+    # --- runs ------------------------------------------------------------------------------------
+
+    def start_worker(self, run: str) -> Worker:
+        with self.guard:
+            if run in self.workers:
+                return self.workers[run]
+            w = Worker(run)
+            w.thread = threading.Thread(target=self._drive, args=(w,), name=f"run-{run}", daemon=True)
+            self.workers[run] = w
+            w.thread.start()
+            return w
+
+    def _drive(self, w: Worker) -> None:
+        try:
+            with Home.open(self.home_path, synchronous=self.synchronous) as home:
+                gpus = int(fold(list(home.log.read(w.run, until_n=0))).created.get("config", {}).get("gpus", 1))
+
+                def on_event(e: Event) -> None:
+                    if e.type == "experiment.started":
+                        w.step = e.data["step"]
+                    log.info(e.type, run=w.run, n=e.n, step=e.data.get("step"), status=e.data.get("status"))
+
+                w.loop = Loop(home, w.run, LoopOptions(
+                    stop=w.stop, on_event=on_event,
+                    slot=lambda: self.pool.hold(w.run, gpus, w.stop.event)))
+                state = w.loop.run()
+                log.info("run left the daemon", run=w.run, status=state.status)
+        except Exception as e:  # a failure inside one run is recorded and the daemon goes on
+            log.exception("run failed", run=w.run)
+            try:
+                with Home.open(self.home_path) as home:
+                    home.log.append(w.run, [NewEvent("run.warned", {"about": "error", "message": f"{type(e).__name__}: {e}"}),
+                                            NewEvent("run.finished", {"reason": "failed"})])
+            except RloopdError:
+                log.exception("could not record the failure", run=w.run)
+
+    def followed(self) -> dict[Path, list[str]]:
+        """{program file: [live runs following it]} for the watcher."""
+        files: dict[Path, list[str]] = {}
+        with self.guard:
+            live = [w for w in self.workers.values() if w.loop is not None]
+        for w in live:
+            path = w.loop.state.program_path
+            if path:
+                files.setdefault(Path(path), []).append(w.run)
+        return files
+
+    # --- periodic jobs ---------------------------------------------------------------------------
+
+    def close_windows(self) -> None:
+        with self.guard:
+            live = [w for w in self.workers.values() if w.loop is not None]
+        for w in live:
+            left = w.loop.window_left()
+            if left is not None and left <= 0:
+                w.stop.set("window", by="scheduler")
+
+    def checkpoint_wal(self) -> None:
+        with Home.open(self.home_path, synchronous=self.synchronous) as home:
+            home.log.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def beat(self) -> None:
+        self.heartbeat = time.time()
+        with self.guard:
+            n = len(self.workers)
+        busy = len(self.pool.holders)
+        notify(f"STATUS={n} runs, {busy}/{self.pool.size()} slots busy")
+
+    # --- the control socket ----------------------------------------------------------------------
+
+    def serve_socket(self) -> socketserver.ThreadingUnixStreamServer:
+        path = control.socket_path(self.home_path)
+        path.unlink(missing_ok=True)
+        daemon = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                self.request.settimeout(control.CLIENT_SILENCE)
+                try:
+                    msg = control.read_message(self.request)
+                except (OSError, ValueError) as e:  # silent, oversized or malformed: answer and hang up
+                    try:
+                        control.write_message(self.request, {"ok": False, "error": f"bad request: {e}"})
+                    except OSError:
+                        pass
+                    return
+                control.write_message(self.request, daemon.answer(msg))
+
+        old = os.umask(0o117)  # the socket is created 0660: the daemon's user and the home's group
+        try:
+            server = socketserver.ThreadingUnixStreamServer(str(path), Handler)
+        finally:
+            os.umask(old)
+        server.daemon_threads = True
+        gid = self.home_path.stat().st_gid
+        if os.geteuid() == 0 or gid in os.getgroups():
+            os.chown(path, -1, gid)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="control",
+                         daemon=True).start()
+        return server
+
+    def answer(self, msg: dict[str, Any]) -> dict[str, Any]:
+        from rloopd import commands
+
+        op, args, request = msg.get("op"), msg.get("args"), msg.get("request")
+        handler = commands.HANDLERS.get(op) if isinstance(op, str) else None
+        if handler is None or not isinstance(args, dict) or not isinstance(request, str) or not request:
+            return {"ok": False, "error": f"unknown or malformed request (op {op!r})"}
+        try:
+            with Home.open(self.home_path, synchronous=self.synchronous) as home:
+                return {"ok": True, "result": handler(self, home, args, request)}
+        except RloopdError as e:
+            return {"ok": False, "error": str(e)}
+        except (TypeError, KeyError, ValueError) as e:
+            return {"ok": False, "error": f"malformed {op} request: {e}"}
+
+
+def ensure_not_stale(home: Path) -> None:
+    """A socket file left by a killed daemon is removed by the next one; a live one is refused."""
+    path = control.socket_path(home)
+    if path.exists():
+        try:
+            control.call(home, "ping", timeout=2)
+        except DaemonError:
+            path.unlink(missing_ok=True)
