@@ -90,29 +90,33 @@ def run_cmd(
     Example: rloopd run --lab . --agent random --experiments 8 --budget steps:200 --seed 1
     """
     with Home.open(home) as h:
-        served = daemon_running(h.path) and control.socket_path(h.path).exists()
-        if detach and not served:
-            raise typer.Exit(code=_no_daemon(h.path))
-        if served:
-            run = control.call(h.path, "run", {
-                "lab": str(lab.absolute()), "agent": agent, "experiments": experiments, "budget": budget,
-                "seed": seed, "name": name, "sandbox": sandbox, "window": window})["run_id"]
-            if detach:
-                emit_json({"run_id": run}) if json_ else out.print(run)
-                return
-            err.print(f"run {run} handed to the daemon; following (Ctrl-C stops it)")
-            summary = follow_daemon(h, run)
-        else:
-            run = runs.create_run(h, lab, agent=agent, experiments=experiments, budget=budget, seed=seed,
-                                  name=name, sandbox=sandbox, window=window)
-            err.print(f"run {run} in {h.run_dir(run)}")
-            summary = follow_loop(h, run)
+        run, summary = drive(h, dict(lab=lab, agent=agent, experiments=experiments, budget=budget, seed=seed,
+                                     name=name, sandbox=sandbox, window=window), detach=detach)
+        if summary is None:
+            emit_json({"run_id": run}) if json_ else out.print(run)
+            return
     if json_:
         emit_json(summary)
     else:
         views.print_summary(out, summary)
     if summary["status"] == "stopped":
         raise typer.Exit(130)
+
+
+def drive(h: Home, spec: dict[str, Any], detach: bool = False) -> tuple[str, dict[str, Any] | None]:
+    """Create a run and drive it: through the daemon serving the home if there is one, else here."""
+    served = daemon_running(h.path) and control.socket_path(h.path).exists()
+    if detach and not served:
+        raise typer.Exit(code=_no_daemon(h.path))
+    if served:
+        run = control.call(h.path, "run", {**spec, "lab": str(Path(spec["lab"]).absolute())})["run_id"]
+        if detach:
+            return run, None
+        err.print(f"run {run} handed to the daemon; following (Ctrl-C stops it)")
+        return run, follow_daemon(h, run)
+    run = runs.create_run(h, Path(spec.pop("lab")), **spec)
+    err.print(f"run {run} in {h.run_dir(run)}")
+    return run, follow_loop(h, run)
 
 
 def _no_daemon(home: Path) -> int:
@@ -190,10 +194,9 @@ def demo_cmd(
     from rloopd.reference import reference_lab_dir
 
     with Home.open(home) as h:
-        run = runs.create_run(h, reference_lab_dir(), agent="random", experiments=experiments, budget=budget,
-                              seed=seed, name=None)
         err.print(f"demo: the reference lab, random search, {experiments} experiments of {budget} s after the baseline")
-        summary = follow_loop(h, run)
+        run, summary = drive(h, dict(lab=reference_lab_dir(), agent="random", experiments=experiments,
+                                     budget=budget, seed=seed, name=None))
         views.print_summary(out, summary)
         out.print(views.results_table(h, run))
         out.print(f"run directory: {h.run_dir(run)}")

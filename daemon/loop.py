@@ -123,7 +123,7 @@ class Loop:
             while self.state.status == "running":
                 if self.stop.is_set():
                     raise Interrupted("stopped before the next experiment")
-                retry = self.state.retry
+                retry = self.state.retry  # an interrupted attempt is started again: same step, same change
                 next_step, attempt = (retry.step, retry.attempt) if retry else (self.state.step + 1, 0)
                 left, budget = self.window_left(), self.lab.budget_seconds or 0.0
                 if cap is not None and next_step > cap:
@@ -152,6 +152,7 @@ class Loop:
             self.finish_run("window")
         elif reason != "shutdown":
             self.append(NewEvent("run.stopped", {"by": by, "reason": reason}, **rid))
+        runs.restore_workspace(self.home, self.state, self.run_dir / "workspace")
 
     def recover(self) -> None:
         """Close an attempt left open by a crash; it is started again as the next attempt of its step."""
@@ -165,7 +166,11 @@ class Loop:
 
     def experiment(self, step: int, attempt: int) -> None:
         workspace = self.run_dir / "workspace"  # at the best commit: recover() and each reject put it there
-        if step == 0:
+        retried = self.retried_attempt(step, attempt)
+        if retried is not None:
+            commit, description, category, params = (retried["commit"], retried["description"],
+                                                     retried.get("category"), retried.get("params", {}))
+        elif step == 0:
             commit, description, category, params = self.created["base_commit"], "baseline", None, {}
         else:
             train_py = workspace / "train.py"
@@ -194,6 +199,15 @@ class Loop:
                 "step": step, "attempt": attempt, "status": "interrupted", "metrics": {}}))
             raise
         self.finish(step, attempt, commit, outcome)
+
+    def retried_attempt(self, step: int, attempt: int) -> dict | None:
+        """The experiment.started of the attempt this one starts again, if it is a retry."""
+        if attempt == 0:
+            return None
+        for e in self.home.log.read(self.run_id, types=["experiment.started"]):
+            if e.data["step"] == step and e.data.get("attempt", 0) == attempt - 1:
+                return e.data
+        return None
 
     def execute(self, commit: str, step: int, attempt: int, env: dict[str, str]) -> Outcome:
         runs.check_manifest(self.home, self.created)

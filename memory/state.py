@@ -67,7 +67,8 @@ def apply(state: RunState, e: Event) -> RunState:
         counted = d["step"] >= 1 and d.get("replica", 0) == 0 and d["status"] != "interrupted"
         retry = None
         if d["status"] == "interrupted":
-            retry = Attempt(d["step"], d.get("replica", 0), d.get("attempt", 0) + 1, "")
+            commit = s.in_flight.commit if s.in_flight is not None else ""
+            retry = Attempt(d["step"], d.get("replica", 0), d.get("attempt", 0) + 1, commit)
         spent = (parse_at(e.at) - parse_at(s.flight_started_at)).total_seconds() if s.flight_started_at else 0.0
         return replace(s, in_flight=None, last_status=d["status"], retry=retry, flight_started_at=None,
                        active_seconds=s.active_seconds + max(spent, 0.0),

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from rloopd import control
+from rloopd.errors import DaemonError
 from rloopd.home import Home
 from rloopd.memory.state import RunState, fold
 
@@ -48,8 +50,11 @@ class Served:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"the daemon exited {self.proc.returncode}: {self.output()}")
-            if (self.home / "rloopd.sock").exists() and rloopd("status", "--json", home=self.home).returncode == 0:
-                return
+            try:  # a socket file may be a dead daemon's: only an answer counts
+                if control.call(self.home, "ping", timeout=2)["pid"] == self.proc.pid:
+                    return
+            except DaemonError:
+                pass
             time.sleep(0.1)
         raise AssertionError(f"the daemon did not get ready: {self.output()}")
 

@@ -169,3 +169,11 @@ def test_home_from_environment(tmp_path):
     env = {"XDG_STATE_HOME": str(tmp_path / "xdg"), "RLOOPD_HOME": ""}
     rloopd("run", "--lab", INSTANT, "-n", "0", env=env, check=True)
     assert (tmp_path / "xdg" / "rloopd" / "events.db").exists()
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(home_dir):
+    proc = rloopd("demo", "--experiments", "1", "--budget", "3", home=home_dir, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "run directory:" in proc.stdout and "floor" in proc.stdout and "results" in proc.stdout
+    assert rloopd("audit", home=home_dir).returncode == 0
