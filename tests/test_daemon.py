@@ -168,3 +168,22 @@ def test_foreground_run_hands_over_to_the_daemon(served, tmp_path):
     assert summary["status"] == "finished" and summary["experiments"] == 3
     assert "handed to the daemon" in proc.stderr
     assert (Path(served.output()).name or True)
+
+
+def test_a_retried_command_is_applied_once(served, tmp_path):
+    from rloopd import control
+
+    home = served.home
+    run = detach(home, make_lab(tmp_path, SLEEP=0.2), "-n", "200")
+    wait_for(lambda: state(home, run).experiments >= 1, what="an experiment")
+    first = control.call(home, "pause", {"run": run}, request="pause-1")
+    again = control.call(home, "pause", {"run": run}, request="pause-1")  # the reply was lost; retried
+    assert first["status"] == again["status"] == "paused"
+    assert len(events(home, run, "run.paused")) == 1
+    control.call(home, "resume", {"run": run}, request="resume-1")
+    control.call(home, "resume", {"run": run}, request="resume-1")
+    assert len(events(home, run, "run.resumed")) == 1
+    created = control.call(home, "run", {"lab": str(make_lab(tmp_path, "lab2")), "experiments": 0}, request="run-1")
+    same = control.call(home, "run", {"lab": str(tmp_path / "lab2"), "experiments": 0}, request="run-1")
+    assert created == same
+    cli(home, "stop", run)
