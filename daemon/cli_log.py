@@ -10,6 +10,7 @@ import typer
 
 from rloopd.audit import audit as run_audit
 from rloopd.cli import HomeOpt, JsonOpt, app, command, emit_json, err, fail, out
+from rloopd.history import lineage
 from rloopd.home import Home
 from rloopd.log import Event
 
@@ -34,6 +35,10 @@ def log_cmd(
     """
     with Home.open(home, create=False) as h:
         name = h.log.resolve(stream)
+        forks = lineage(h.log, name) if name != "home" and not name.startswith("batch:") else []
+        if forks:
+            err.print("lineage: " + " -> ".join(f"{f['run']}@step {f['step']}" for f in forks) + f" -> {name}",
+                      highlight=False, soft_wrap=True)
         events = h.log.follow(name, types=type_ or ()) if follow else h.log.read(name, types=type_ or ())
         try:
             for e in events:

@@ -11,11 +11,11 @@ from rich.live import Live
 
 from rloopd import control, runs, views
 from rloopd.cli import HomeOpt, JsonOpt, app, command, emit_json, err, out
+from rloopd.history import run_state
 from rloopd.home import Home
 from rloopd.lock import HomeLock, daemon_running
 from rloopd.log import Event
 from rloopd.loop import Loop, LoopOptions, Stop
-from rloopd.memory.state import fold
 
 AgentOpt = Annotated[str, typer.Option("--agent", "-a", help="random (one constant per step) or random:all.")]
 
@@ -59,12 +59,12 @@ def follow_daemon(h: Home, run: str) -> dict[str, Any]:
     table, live = live_table(h, run)
     try:
         with live:
-            for e in h.log.follow(run, poll_seconds=0.1, stop=lambda: fold(list(h.log.read(run))).status != "running"):
+            for e in h.log.follow(run, poll_seconds=0.1, stop=lambda: run_state(h.log, run).status != "running"):
                 table.add(e)
                 live.update(table.render())
     finally:
         signal.signal(signal.SIGINT, previous)
-    return views.run_summary(h, fold(list(h.log.read(run))))
+    return views.run_summary(h, run_state(h.log, run))
 
 
 @app.command("run")
@@ -103,20 +103,63 @@ def run_cmd(
         raise typer.Exit(130)
 
 
-def drive(h: Home, spec: dict[str, Any], detach: bool = False) -> tuple[str, dict[str, Any] | None]:
-    """Create a run and drive it: through the daemon serving the home if there is one, else here."""
+def drive(h: Home, spec: dict[str, Any], detach: bool = False, op: str = "run") -> tuple[str, dict[str, Any] | None]:
+    """Create a run (`run`) or a fork (`fork`) and drive it: through the daemon serving the home if
+    there is one, else here."""
     served = daemon_running(h.path) and control.socket_path(h.path).exists()
     if detach and not served:
         raise typer.Exit(code=_no_daemon(h.path))
+    for key in ("lab", "program"):
+        if spec.get(key) is not None:
+            spec[key] = str(Path(spec[key]).absolute())
     if served:
-        run = control.call(h.path, "run", {**spec, "lab": str(Path(spec["lab"]).absolute())})["run_id"]
+        run = control.call(h.path, op, spec)["run_id"]
         if detach:
             return run, None
         err.print(f"run {run} handed to the daemon; following (Ctrl-C stops it)")
         return run, follow_daemon(h, run)
-    run = runs.create_run(h, Path(spec.pop("lab")), **spec)
+    if op == "fork":
+        from rloopd.fork import fork_run
+
+        program = spec.pop("program", None)
+        run = fork_run(h, spec.pop("run"), spec.pop("step"), program=Path(program) if program else None, **spec)
+    else:
+        run = runs.create_run(h, Path(spec.pop("lab")), **spec)
     err.print(f"run {run} in {h.run_dir(run)}")
     return run, follow_loop(h, run)
+
+
+@app.command("fork")
+@command
+def fork_cmd(
+    run: Annotated[str, typer.Argument(help="The run to fork: id, unique prefix or name.")],
+    step: Annotated[int, typer.Argument(help="Fork after this step; the fork's first experiment is STEP+1.")],
+    name: Annotated[str | None, typer.Option("--name", help="A name for the fork.")] = None,
+    agent: Annotated[str | None, typer.Option("--agent", "-a", help="Another agent (default: the parent's).")] = None,
+    program: Annotated[Path | None, typer.Option("--program", help="Another program file for the fork.")] = None,
+    experiments: Annotated[int | None, typer.Option("--experiments", "-n", help="Experiments after STEP.")] = None,
+    window: Annotated[str | None, typer.Option("--window", help="The fork's window, e.g. 2h.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Another seed (default: the parent's).")] = None,
+    detach: Annotated[bool, typer.Option("--detach", "-d", help="Hand the fork to the daemon and return.")] = False,
+    json_: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Fork a run after a step: a new run from the parent's best commit and memory as of that step.
+
+    Its history is the parent's prefix plus its own events (nothing is copied); the parent is untouched.
+
+    Example: rloopd fork lr-sweep 37 --agent random:all --experiments 20
+    """
+    with Home.open(home) as h:
+        new, summary = drive(h, dict(run=run, step=step, name=name, agent=agent, program=program,
+                                     experiments=experiments, window=window, seed=seed), detach=detach, op="fork")
+        if summary is None:
+            emit_json({"run_id": new}) if json_ else out.print(new)
+            return
+    if json_:
+        emit_json(summary)
+    else:
+        views.print_summary(out, summary)
 
 
 def _no_daemon(home: Path) -> int:

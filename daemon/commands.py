@@ -12,17 +12,18 @@ from typing import TYPE_CHECKING, Any
 
 from rloopd import __version__, runs
 from rloopd.errors import DaemonError
+from rloopd.history import run_state
 from rloopd.home import Home
 from rloopd.log import NewEvent
 from rloopd.memory.rundir import write_atomic
-from rloopd.memory.state import RunState, fold
+from rloopd.memory.state import RunState
 
 if TYPE_CHECKING:
     from rloopd.service import Daemon
 
 
 def _state(home: Home, run: str) -> RunState:
-    return fold(list(home.log.read(run)))
+    return run_state(home.log, run)
 
 
 def _done_before(home: Home, request: str) -> bool:
@@ -53,6 +54,20 @@ def run(daemon: Daemon, home: Home, args: dict, request: str) -> dict[str, Any]:
                              experiments=args.get("experiments"), budget=args.get("budget"),
                              seed=int(args.get("seed", 0)), name=args.get("name"),
                              sandbox=args.get("sandbox", "auto"), window=args.get("window"), request=request)
+    daemon.start_worker(run_id)
+    return {"run_id": run_id}
+
+
+def fork(daemon: Daemon, home: Home, args: dict, request: str) -> dict[str, Any]:
+    from rloopd.fork import fork_run
+
+    prior = home.log.conn.execute("SELECT stream FROM events WHERE id = ?", (request,)).fetchone()
+    if prior:
+        return {"run_id": prior[0]}
+    run_id = fork_run(home, args["run"], int(args["step"]), name=args.get("name"), agent=args.get("agent"),
+                      program=Path(args["program"]) if args.get("program") else None,
+                      experiments=args.get("experiments"), window=args.get("window"), seed=args.get("seed"),
+                      request=request)
     daemon.start_worker(run_id)
     return {"run_id": run_id}
 
@@ -135,5 +150,5 @@ def status(daemon: Daemon, home: Home, args: dict, request: str) -> dict[str, An
             "busy": dict(daemon.pool.holders), "runs": live}
 
 
-HANDLERS = {"ping": ping, "run": run, "pause": pause, "resume": resume, "stop": stop, "program": program,
+HANDLERS = {"ping": ping, "run": run, "fork": fork, "pause": pause, "resume": resume, "stop": stop, "program": program,
             "status": status}

@@ -15,7 +15,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,9 +23,11 @@ from rloopd import runs
 from rloopd.agents import random_search
 from rloopd.decide import decide
 from rloopd.errors import StaleRun
+from rloopd.history import history
 from rloopd.home import Home
 from rloopd.lab import set_constants
 from rloopd.log import Event, NewEvent
+from rloopd.memory import experiments as ex
 from rloopd.memory.experiments import ExperimentsTable, results_tsv
 from rloopd.memory.rundir import MemoryFiles, project_memory
 from rloopd.memory.state import RunState, fold, parse_at
@@ -69,7 +71,14 @@ class Loop:
         self.table = ExperimentsTable(home.log)
         self.state = RunState()
         self.mem = MemoryFiles()
+        self.rows: dict = {}  # the experiments of the run's whole history, folded (results.tsv)
+        self.metric_of: dict[str, str] = {}
         self.written: dict[str, str] = {}
+        first = next(home.log.read(run, until_n=0))
+        parent = first.data.get("parent")
+        if parent:  # a fork starts from its parent's prefix; its own stream then starts at n=0
+            self._fold(history(home.log, parent["run"], until_n=parent["n"]))
+            self.state = replace(self.state, position=-1)
         self.sync()
         self.created = self.state.created
         self.lab = runs.run_lab(home, self.state)
@@ -88,6 +97,7 @@ class Loop:
         self.state = fold(events, self.state)
         for e in events:
             self.mem.apply(e)
+            ex.apply(self.rows, e, self.metric_of)
 
     def append(self, *new: NewEvent) -> list[Event]:
         for tries in range(5):  # another writer (the program watcher) may append between sync and append
@@ -255,8 +265,8 @@ class Loop:
         """Bring the experiments table and the run directory up to the log."""
         self.sync()
         self.table.catch_up()
-        project_memory(self.run_dir, self.mem, self.home.blobs,
-                       results_tsv(self.table.rows(self.run_id), self.created["metric"]), self.written)
+        rows = [r for _, r in sorted(self.rows.items(), key=lambda kv: (kv[0][1], kv[0][2]))]
+        project_memory(self.run_dir, self.mem, self.home.blobs, results_tsv(rows, self.created["metric"]), self.written)
 
 
 @contextmanager

@@ -24,11 +24,11 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from rloopd import __version__, control
 from rloopd.errors import DaemonError, RloopdError
+from rloopd.history import run_state
 from rloopd.home import Home
 from rloopd.lock import HomeLock
 from rloopd.log import Event, NewEvent
 from rloopd.loop import Loop, LoopOptions, Stop
-from rloopd.memory.state import fold
 from rloopd.notify import notify, watchdog_interval
 from rloopd.slots import SlotPool
 from rloopd.watch import ProgramWatcher
@@ -63,7 +63,7 @@ class Daemon:
     def initialize(self) -> None:
         self.home = Home.open(self.home_path, synchronous=self.synchronous)
         self.lock.acquire("daemon")
-        recovered = [c.stream for c in self.home.log.runs() if fold(list(self.home.log.read(c.stream))).status == "running"]
+        recovered = [c.stream for c in self.home.log.runs() if run_state(self.home.log, c.stream).status == "running"]
         self.home.log.append_one("home", "daemon.started", {
             "version": __version__, "pid": os.getpid(),
             "recovery": {"runs": recovered, "slots": self.pool.names}})
@@ -143,7 +143,7 @@ class Daemon:
     def _drive(self, w: Worker) -> None:
         try:
             with Home.open(self.home_path, synchronous=self.synchronous) as home:
-                gpus = int(fold(list(home.log.read(w.run, until_n=0))).created.get("config", {}).get("gpus", 1))
+                gpus = int(next(home.log.read(w.run, until_n=0)).data.get("config", {}).get("gpus", 1))
 
                 def on_event(e: Event) -> None:
                     if e.type == "experiment.started":

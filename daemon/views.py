@@ -10,10 +10,11 @@ from rich.table import Table
 from rich.text import Text
 
 from rloopd.errors import StepNotFound
+from rloopd.history import run_state
 from rloopd.home import Home
 from rloopd.log import Event
 from rloopd.memory.experiments import ExperimentsTable
-from rloopd.memory.state import RunState, fold
+from rloopd.memory.state import RunState
 
 
 def _fmt(value: Any) -> str:
@@ -82,8 +83,10 @@ def print_summary(console: Console, s: dict[str, Any]) -> None:
 def status_rows(h: Home) -> list[dict[str, Any]]:
     rows = []
     for created in h.log.runs():
-        st = fold(list(h.log.read(created.stream)))
+        st = run_state(h.log, created.stream)
+        parent = created.data.get("parent")
         rows.append({"run_id": st.run, "name": st.name, "status": st.status, "agent": created.data["agent"],
+                     "parent": None if not parent else {"run": parent["run"], "step": parent["step"]},
                      "step": st.step, "experiments": st.experiments, "accepted": st.accepted,
                      "metric": st.metric, "best": st.best, "best_step": st.best_step, "created": created.at})
     return rows
@@ -91,11 +94,12 @@ def status_rows(h: Home) -> list[dict[str, Any]]:
 
 def status_table(rows: list[dict[str, Any]]) -> Table:
     table = Table()
-    for col in ("run", "name", "status", "agent", "step", "exps", "kept", "best", "slot", "elapsed"):
+    for col in ("run", "name", "status", "agent", "from", "step", "exps", "kept", "best", "slot", "elapsed"):
         table.add_column(col, no_wrap=col in ("run", "best"))
     for r in rows:
         live = r.get("live") or {}
-        table.add_row(r["run_id"], r["name"], r["status"], r["agent"], str(r["step"]), str(r["experiments"]),
+        origin = f"{r['parent']['run']}@{r['parent']['step']}" if r.get("parent") else "-"
+        table.add_row(r["run_id"], r["name"], r["status"], r["agent"], origin, str(r["step"]), str(r["experiments"]),
                       str(r["accepted"]), f"{r['metric']} {_fmt(r['best'])}", ",".join(live.get("slot") or []) or "-",
                       f"{live['elapsed']:.0f} s" if live.get("elapsed") is not None else "-")
     return table
@@ -134,7 +138,7 @@ def print_step(console: Console, d: dict[str, Any]) -> None:
 def results_table(h: Home, run: str) -> Table:
     table = Table(title="results")
     rows = ExperimentsTable(h.log).rows(run)
-    metric = fold(list(h.log.read(run, until_n=0))).metric
+    metric = next(h.log.read(run, until_n=0)).data.get("metric", "val_bpb")
     for col in ("step", metric, "status", "kept", "description"):
         table.add_column(col)
     for r in rows:

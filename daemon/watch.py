@@ -15,10 +15,10 @@ from pathlib import Path
 import structlog
 import watchfiles
 
+from rloopd.history import run_state
 from rloopd.home import Home
 from rloopd.log import NewEvent
 from rloopd.memory.rundir import write_atomic
-from rloopd.memory.state import fold
 
 log = structlog.get_logger("rloopd.watch")
 
@@ -60,7 +60,7 @@ class ProgramWatcher(threading.Thread):
                 self.record(home, run, path, blob)
 
     def record(self, home: Home, run: str, path: Path, blob: str) -> None:
-        state = fold(list(home.log.read(run)))
+        state = run_state(home.log, run)
         if state.program_blob == blob or state.status != "running":
             return
         home.log.append(run, [NewEvent("program.changed", {"program_blob": blob, "source": "live-edit",

@@ -54,6 +54,11 @@ def apply(state: RunState, e: Event) -> RunState:
     """Fold one event into the state (unknown types only move the position)."""
     d, s = e.data, replace(state, position=e.n)
     t = e.type
+    if t == "run.created" and d.get("parent"):  # a fork: everything its parent's prefix built carries on
+        return replace(s, run=e.stream, name=d["name"], status="running", created=d, in_flight=None,
+                       retry=None, flight_started_at=None, base_commit=d.get("base_commit", ""),
+                       program_blob=d.get("program_blob") or s.program_blob,
+                       program_path=str(Path(d["lab"]) / d.get("config", {}).get("program", "program.md")))
     if t == "run.created":
         return replace(s, run=e.stream, name=d["name"], status="running", created=d,
                        metric=d.get("metric", "val_bpb"), direction=d.get("direction", "minimize"),

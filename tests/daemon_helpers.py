@@ -13,8 +13,9 @@ from pathlib import Path
 
 from rloopd import control
 from rloopd.errors import DaemonError
+from rloopd.history import run_state
 from rloopd.home import Home
-from rloopd.memory.state import RunState, fold
+from rloopd.memory.state import RunState
 
 from .conftest import rloopd
 
@@ -88,7 +89,7 @@ def detach(home: Path, lab: Path, *args: str) -> str:
 
 def state(home: Path, run: str) -> RunState:
     with Home.open(home, create=False) as h:
-        return fold(list(h.log.read(run)))
+        return run_state(h.log, run)
 
 
 def wait_for(predicate, timeout: float = 60, what: str = "condition") -> None:
