@@ -42,13 +42,12 @@ def serve_cmd(
 
     Example: rloopd serve --home /var/lib/rloopd --gpus auto
     """
-    from rloopd.service import Daemon, ensure_not_stale
+    from rloopd.service import Daemon
     from rloopd.slots import SlotPool, parse_slots
 
     kind, names = parse_slots(gpus, cpu_slots)
     path = Path(home) if home else default_home()
     Home.open(path, synchronous=synchronous).close()  # a clear error for a bad home, before anything else
-    ensure_not_stale(path)
     configure_logging()
     Daemon(path, SlotPool(kind, names), synchronous=synchronous).run_forever()
 

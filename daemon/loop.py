@@ -45,11 +45,13 @@ class Stop:
     def __init__(self) -> None:
         self.event = threading.Event()
         self.reason, self.by, self.request = "stopped", "cli", None
+        self._lock = threading.Lock()
 
     def set(self, reason: str = "stopped", by: str = "cli", request: str | None = None) -> None:
-        if not self.event.is_set():
-            self.reason, self.by, self.request = reason, by, request
-            self.event.set()
+        with self._lock:  # the first request wins, whole: its reason with its request id
+            if not self.event.is_set():
+                self.reason, self.by, self.request = reason, by, request
+                self.event.set()
 
     def is_set(self) -> bool:
         return self.event.is_set()
@@ -135,7 +137,7 @@ class Loop:
                     raise Interrupted("stopped before the next experiment")
                 retry = self.state.retry  # an interrupted attempt is started again: same step, same change
                 next_step, attempt = (retry.step, retry.attempt) if retry else (self.state.step + 1, 0)
-                left, budget = self.window_left(), self.lab.budget_seconds or 0.0
+                left, budget = self.window_left(), self.expected_seconds()
                 if cap is not None and next_step > cap:
                     self.finish_run("experiment budget spent")
                 elif left is not None and left < max(budget, 1e-9):
@@ -147,6 +149,12 @@ class Loop:
         finally:
             self.project()
         return self.state
+
+    def expected_seconds(self) -> float:
+        """What the next experiment will likely take: the budget, or the median so far if longer."""
+        walls = sorted(r["wall_seconds"] for r in self.rows.values() if r.get("wall_seconds"))
+        median = walls[len(walls) // 2] if walls else 0.0
+        return max(self.lab.budget_seconds or 0.0, median)
 
     def finish_run(self, reason: str) -> None:
         self.append(NewEvent("run.finished", {"reason": reason, "best": self.state.best,
@@ -171,6 +179,8 @@ class Loop:
             self.append(NewEvent("experiment.finished", {
                 "step": flight.step, "replica": flight.replica, "attempt": flight.attempt,
                 "status": "interrupted", "metrics": {}}))
+        if self.state.open_session is not None:
+            self.append(NewEvent("session.ended", {"session": self.state.open_session, "reason": "daemon-restart"}))
         runs.restore_workspace(self.home, self.state, self.run_dir / "workspace")
         self.project()
 
@@ -198,6 +208,7 @@ class Loop:
 
     def run_attempt(self, step: int, attempt: int, commit: str, description: str, category: str | None,
                     params: dict, diff: str, env: dict[str, str]) -> None:
+        self.sync()  # the program version in force is the latest one recorded, also by the watcher
         self.append(NewEvent("experiment.started", {
             "step": step, "attempt": attempt, "commit": commit, "description": description,
             "category": category, "params": params, "program_blob": self.state.program_blob,

@@ -23,7 +23,7 @@ import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from rloopd import __version__, control
-from rloopd.errors import DaemonError, RloopdError
+from rloopd.errors import RloopdError
 from rloopd.history import run_state
 from rloopd.home import Home
 from rloopd.lock import HomeLock
@@ -56,6 +56,7 @@ class Daemon:
         self.workers: dict[str, Worker] = {}
         self.guard = threading.RLock()
         self.heartbeat = time.time()
+        self.last_turn = time.monotonic()
         self.home: Home | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -63,33 +64,41 @@ class Daemon:
     def initialize(self) -> None:
         self.home = Home.open(self.home_path, synchronous=self.synchronous)
         self.lock.acquire("daemon")
+        self.server = self.serve_socket()
         recovered = [c.stream for c in self.home.log.runs() if run_state(self.home.log, c.stream).status == "running"]
         self.home.log.append_one("home", "daemon.started", {
             "version": __version__, "pid": os.getpid(),
             "recovery": {"runs": recovered, "slots": self.pool.names}})
+        for run in recovered:  # before READY: close what a crash left open, put workspaces back
+            Loop(self.home, run).recover()
         for run in recovered:
             self.start_worker(run)
         self.scheduler = BackgroundScheduler(daemon=True)
-        self.scheduler.add_job(self.close_windows, "interval", seconds=1, id="windows", max_instances=1)
+        self.scheduler.add_job(self.close_windows, "interval", seconds=0.25, id="windows", max_instances=1)
         self.scheduler.add_job(self.checkpoint_wal, "interval", seconds=300, id="wal", max_instances=1)
         self.scheduler.add_job(self.beat, "interval", seconds=5, id="heartbeat", max_instances=1)
         interval = watchdog_interval()
         if interval:
-            self.scheduler.add_job(lambda: notify("WATCHDOG=1"), "interval", seconds=interval, id="watchdog")
+            self.scheduler.add_job(self.watchdog, "interval", seconds=interval, id="watchdog")
         self.scheduler.start()
         self.watcher = ProgramWatcher(self.home_path, self.followed, self.stopping)
         self.watcher.start()
-        self.server = self.serve_socket()
         self.beat()
         notify("READY=1")
         log.info("daemon ready", home=str(self.home_path), pid=os.getpid(), slots=self.pool.names,
                  recovered=recovered)
 
+    def watchdog(self) -> None:
+        """Ping systemd only while the main loop turns and the control socket's thread is alive."""
+        if time.monotonic() - self.last_turn < 10 and self.server_thread.is_alive():
+            notify("WATCHDOG=1")
+
     def loop(self, timeout: float = 0.5) -> None:
         """One turn: forget runs whose thread ended; then wait for work or a stop signal."""
+        self.last_turn = time.monotonic()
         with self.guard:
             for run, w in list(self.workers.items()):
-                if w.thread is not None and not w.thread.is_alive():
+                if w.thread is not None and not w.thread.is_alive() and self.workers.get(run) is w:
                     del self.workers[run]
         self.stopping.wait(timeout)
 
@@ -131,9 +140,18 @@ class Daemon:
     # --- runs ------------------------------------------------------------------------------------
 
     def start_worker(self, run: str) -> Worker:
+        """The run's live worker, or a new one. A worker that was asked to stop (a pause, say) is waited
+        for first, so that a resume right after a pause never finds the old, ending thread."""
         with self.guard:
-            if run in self.workers:
-                return self.workers[run]
+            old = self.workers.get(run)
+        if old is not None and old.thread is not None:
+            if not old.stop.is_set() and old.thread.is_alive():
+                return old
+            old.thread.join(timeout=60)
+        with self.guard:
+            current = self.workers.get(run)
+            if current is not None and current is not old and current.thread.is_alive():
+                return current
             w = Worker(run)
             w.thread = threading.Thread(target=self._drive, args=(w,), name=f"run-{run}", daemon=True)
             self.workers[run] = w
@@ -216,17 +234,15 @@ class Daemon:
                     return
                 control.write_message(self.request, daemon.answer(msg))
 
-        old = os.umask(0o117)  # the socket is created 0660: the daemon's user and the home's group
-        try:
-            server = socketserver.ThreadingUnixStreamServer(str(path), Handler)
-        finally:
-            os.umask(old)
+        server = socketserver.ThreadingUnixStreamServer(str(path), Handler)
+        os.chmod(path, 0o660)  # the daemon's user and the home's group (no process-wide umask games)
         server.daemon_threads = True
         gid = self.home_path.stat().st_gid
         if os.geteuid() == 0 or gid in os.getgroups():
             os.chown(path, -1, gid)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="control",
-                         daemon=True).start()
+        self.server_thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                                              name="control", daemon=True)
+        self.server_thread.start()
         return server
 
     def answer(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -241,15 +257,6 @@ class Daemon:
                 return {"ok": True, "result": handler(self, home, args, request)}
         except RloopdError as e:
             return {"ok": False, "error": str(e)}
-        except (TypeError, KeyError, ValueError) as e:
-            return {"ok": False, "error": f"malformed {op} request: {e}"}
-
-
-def ensure_not_stale(home: Path) -> None:
-    """A socket file left by a killed daemon is removed by the next one; a live one is refused."""
-    path = control.socket_path(home)
-    if path.exists():
-        try:
-            control.call(home, "ping", timeout=2)
-        except DaemonError:
-            path.unlink(missing_ok=True)
+        except Exception as e:  # a malformed request must get an answer, never a dropped connection
+            log.warning("malformed request", op=op, error=f"{type(e).__name__}: {e}")
+            return {"ok": False, "error": f"malformed {op} request: {type(e).__name__}: {e}"}

@@ -61,8 +61,8 @@ class ProgramWatcher(threading.Thread):
 
     def record(self, home: Home, run: str, path: Path, blob: str) -> None:
         state = run_state(home.log, run)
-        if state.program_blob == blob or state.status != "running":
-            return
+        if state.program_blob == blob or state.status != "running" or state.program_path != str(path):
+            return  # unchanged, not live, or the run follows another file now (`rloopd program`)
         home.log.append(run, [NewEvent("program.changed", {"program_blob": blob, "source": "live-edit",
                                                            "path": str(path)})])
         write_atomic(home.run_dir(run) / "program.md", home.blobs.get(blob), 0o444)

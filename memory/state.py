@@ -39,6 +39,7 @@ class RunState:
     sessions: int = 0
     restarts: int = 0
     last_end_reason: str | None = None
+    open_session: int | None = None  # a session started and not yet ended
     program_blob: str | None = None
     program_path: str | None = None  # the file a live run follows (the lab's program.md, or one given later)
     in_flight: Attempt | None = None
@@ -88,9 +89,10 @@ def apply(state: RunState, e: Event) -> RunState:
     if t == "program.changed":
         return replace(s, program_blob=d["program_blob"], program_path=d.get("path") or s.program_path)
     if t == "session.started":  # a restart: a session opened because the agent ended the one before
-        return replace(s, sessions=s.sessions + 1, restarts=s.restarts + (s.last_end_reason == "agent-exit"))
+        return replace(s, sessions=s.sessions + 1, restarts=s.restarts + (s.last_end_reason == "agent-exit"),
+                       open_session=d["session"])
     if t == "session.ended":
-        return replace(s, last_end_reason=d["reason"])
+        return replace(s, last_end_reason=d["reason"], open_session=None)
     if t in ("run.paused", "run.resumed", "run.stopped", "run.finished", "run.archived"):
         status = {"run.paused": "paused", "run.resumed": "running", "run.stopped": "stopped",
                   "run.finished": "finished", "run.archived": "archived"}[t]

@@ -187,3 +187,57 @@ def test_a_retried_command_is_applied_once(served, tmp_path):
     same = control.call(home, "run", {"lab": str(tmp_path / "lab2"), "experiments": 0}, request="run-1")
     assert created == same
     cli(home, "stop", run)
+
+
+def test_resume_right_after_pause_keeps_the_run_going(served, tmp_path):
+    from rloopd import control
+
+    home = served.home
+    run = detach(home, make_lab(tmp_path, SLEEP=0.1), "-n", "300")
+    for _ in range(3):
+        wait_for(lambda: state(home, run).in_flight is not None, what="an experiment in flight")
+        control.call(home, "pause", {"run": run})
+        control.call(home, "resume", {"run": run})  # no gap: the old worker is still ending
+        before = state(home, run).position
+        wait_for(lambda b=before: state(home, run).position > b + 2, timeout=20, what="progress after resume")
+    cli(home, "stop", run)
+
+
+def test_a_run_given_its_own_program_ignores_the_old_file(served, tmp_path):
+    home = served.home
+    lab = make_lab(tmp_path, SLEEP=0.2)
+    run = detach(home, lab, "-n", "300")
+    wait_for(lambda: state(home, run).in_flight is not None, what="an experiment in flight")
+    other = tmp_path / "other.md"
+    other.write_text("# mine\n")
+    cli(home, "program", run, str(other))
+    tmp = lab / ".swp"
+    tmp.write_text("# an edit to the lab's program\n")
+    os.replace(tmp, lab / "program.md")
+    time.sleep(2)
+    changes = events(home, run, "program.changed")
+    assert [c["data"]["source"] for c in changes] == ["cli"] and state(home, run).program_path == str(other)
+    assert (home / "runs" / run / "program.md").read_text() == "# mine\n"
+    cli(home, "stop", run)
+
+
+def test_malformed_arguments_get_an_answer(served):
+    from rloopd import control
+
+    for args in ({"run": 5}, {"run": None}, {}):
+        with pytest.raises(Exception, match="malformed|no run"):
+            control.call(served.home, "pause", args)
+    assert cli(served.home, "status").returncode == 0
+
+
+def test_a_second_serve_never_takes_the_socket(served):
+    import signal as sig
+
+    os.kill(served.proc.pid, sig.SIGSTOP)  # a daemon too busy to answer a ping
+    try:
+        proc = cli(served.home, "serve", check=False)
+        assert proc.returncode == 2 and "already in use" in proc.stderr
+    finally:
+        os.kill(served.proc.pid, sig.SIGCONT)
+    assert (served.home / "rloopd.sock").exists()
+    assert json.loads(cli(served.home, "status", "--json").stdout) == []

@@ -112,3 +112,25 @@ def test_notify_protocol_on_a_bound_socket(tmp_path):
         listener.close()
     assert "READY=1" in got and "WATCHDOG=1" in got and "STOPPING=1" in got
     assert any(g.startswith("STATUS=") and "slots" in g for g in got)
+
+
+def test_ready_only_after_recovery(tmp_path):
+    home = tmp_path / "home"
+    d = Served(home).start()
+    run = detach(home, make_lab(tmp_path, SLEEP=1.0), "-n", "3")
+    wait_for(lambda: state(home, run).in_flight is not None, what="an experiment in flight")
+    d.kill()
+    sock_path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(sock_path))
+    listener.settimeout(30)
+    d = Served(home, env={"NOTIFY_SOCKET": str(sock_path)})
+    d.start(wait=False)
+    try:
+        while listener.recv(4096).decode() != "READY=1":
+            pass
+        finishes = events(home, run, "experiment.finished")
+        assert finishes and finishes[-1]["data"]["status"] == "interrupted", "recovered before READY"
+    finally:
+        d.close()
+        listener.close()
