@@ -79,8 +79,10 @@ def audit(log: EventLog, blobs: BlobStore | None, streams: list[str] | None = No
     expect = expect or {}
     names = streams if streams is not None else log.streams()
     seen_blobs: set[str] = set()
-    with log.conn:  # one read transaction: a consistent snapshot while writers go on
+    own = not log.conn.in_transaction  # one read transaction (the caller's, if it holds one)
+    if own:
         log.conn.execute("BEGIN")
+    try:
         for name in names:
             rep = StreamReport(name)
             report.streams.append(rep)
@@ -90,6 +92,9 @@ def audit(log: EventLog, blobs: BlobStore | None, streams: list[str] | None = No
                     name, None, None, f"head hash {rep.head or '(empty)'} is not the expected {expect[name]}"))
         for name in sorted(set(expect) - set(names)):
             report.problems.append(Problem(name, None, None, "expected stream is not in the log"))
+    finally:
+        if own:
+            log.conn.execute("COMMIT")
     report.blobs_checked = len(seen_blobs)
     return report
 

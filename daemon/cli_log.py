@@ -90,3 +90,34 @@ def audit_cmd(
     if not report.ok:
         err.print(f"rloopd: audit failed: {report.first()}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
+
+
+@app.command("replay")
+@command
+def replay_cmd(
+    run: Annotated[str, typer.Argument(help="Run id, unique prefix or name.")],
+    json_: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Rebuild a run's projections from its log and compare with the live ones; verify chains, blobs, commits.
+
+    Exit 0 when all agree, 1 naming the first divergence. It never calls an agent and never trains.
+
+    Example: rloopd replay lr-sweep --json
+    """
+    from rloopd.replay import replay
+
+    with Home.open(home, create=False) as h:
+        report = replay(h, h.log.resolve(run))
+    if json_:
+        emit_json(report.as_dict())
+    else:
+        out.print(f"run {report.run}: {report.events} events replayed; "
+                  + ("[green]projections, chains, blobs, commits and manifest agree[/]" if report.ok
+                     else f"[red]{len(report.divergences)} divergences[/]"), markup=True)
+    if not report.ok:
+        first = report.divergences[0]
+        where = ", ".join(f"{k}={v}" for k, v in first.items() if k not in ("kind", "what"))
+        err.print(f"rloopd: replay diverged: {first['kind']}: {first['what']}" + (f" ({where})" if where else ""),
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(1)

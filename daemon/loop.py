@@ -278,6 +278,7 @@ class Loop:
         self.table.catch_up()
         rows = [r for _, r in sorted(self.rows.items(), key=lambda kv: (kv[0][1], kv[0][2]))]
         project_memory(self.run_dir, self.mem, self.home.blobs, results_tsv(rows, self.created["metric"]), self.written)
+        self.table.set_position(f"rundir:{self.run_id}", self.state.position)  # what replay compares against
 
 
 @contextmanager

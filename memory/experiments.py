@@ -84,6 +84,14 @@ class ExperimentsTable:
             raise
         return len(new)
 
+    def set_position(self, name: str, position: int) -> None:
+        """Record how far another projection (e.g. `rundir:<run>`, an n of the run's stream) has got."""
+        self.log.conn.execute("INSERT OR REPLACE INTO projection_positions (name, seq) VALUES (?, ?)", (name, position))
+
+    def position_of(self, name: str) -> int | None:
+        row = self.log.conn.execute("SELECT seq FROM projection_positions WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else None
+
     def _load(self, key: Key) -> dict[str, Any] | None:
         cur = self.log.conn.execute("SELECT * FROM experiments WHERE run = ? AND step = ? AND replica = ?", key)
         row = cur.fetchone()
