@@ -90,11 +90,15 @@ def run_cmd(
     Example: rloopd run --lab . --agent random --experiments 8 --budget steps:200 --seed 1
     """
     with Home.open(home) as h:
-        run, summary = drive(h, dict(lab=lab, agent=agent, experiments=experiments, budget=budget, seed=seed,
-                                     name=name, sandbox=sandbox, window=window), detach=detach)
-        if summary is None:
-            emit_json({"run_id": run}) if json_ else out.print(run)
-            return
+        report(*drive(h, dict(lab=lab, agent=agent, experiments=experiments, budget=budget, seed=seed,
+                              name=name, sandbox=sandbox, window=window), detach=detach), json_)
+
+
+def report(run: str, summary: dict[str, Any] | None, json_: bool) -> None:
+    """Print a detached run's id, or a driven run's summary; exit 130 when it was stopped."""
+    if summary is None:
+        emit_json({"run_id": run}) if json_ else out.print(run)
+        return
     if json_:
         emit_json(summary)
     else:
@@ -151,15 +155,8 @@ def fork_cmd(
     Example: rloopd fork lr-sweep 37 --agent random:all --experiments 20
     """
     with Home.open(home) as h:
-        new, summary = drive(h, dict(run=run, step=step, name=name, agent=agent, program=program,
-                                     experiments=experiments, window=window, seed=seed), detach=detach, op="fork")
-        if summary is None:
-            emit_json({"run_id": new}) if json_ else out.print(new)
-            return
-    if json_:
-        emit_json(summary)
-    else:
-        views.print_summary(out, summary)
+        report(*drive(h, dict(run=run, step=step, name=name, agent=agent, program=program,
+                              experiments=experiments, window=window, seed=seed), detach=detach, op="fork"), json_)
 
 
 def _no_daemon(home: Path) -> int:

@@ -81,8 +81,8 @@ def measure(rounds: int, per_round: int, batch: int, synchronous: str, tmp: Path
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=9)
-    p.add_argument("--per-round", type=int, default=200)
+    p.add_argument("--rounds", type=int, default=11)
+    p.add_argument("--per-round", type=int, default=400)
     p.add_argument("--synchronous", default="FULL")
     p.add_argument("--dir", type=Path, default=None, help="where the databases go (default: a temp dir)")
     a = p.parse_args()
