@@ -25,6 +25,15 @@ def need_tool(name: str) -> str:
     return path
 
 
+def need_root() -> None:
+    """Tests that switch to an unprivileged uid need root; skip on a laptop, fail in CI (which runs as root)."""
+    if os.geteuid() != 0:
+        if IN_CI:
+            pytest.fail("this test switches uids and needs root, but CI=true and it is not root")
+        pytest.skip("needs root to switch to an unprivileged uid")
+    need_tool("setpriv")
+
+
 @pytest.fixture
 def home_dir(tmp_path: Path) -> Path:
     return tmp_path / "home"

@@ -18,7 +18,7 @@ from rloopd import __version__
 from rloopd.cli import app
 from rloopd.home import Home
 
-from .conftest import rloopd
+from .conftest import need_root, rloopd
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,8 +127,7 @@ def test_bad_expect_argument(home_dir, home):
 
 
 def as_nobody() -> list[str]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to switch to an unprivileged uid")
+    need_root()
     return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 

@@ -20,7 +20,7 @@ from rloopd.loop import Loop, LoopOptions
 from rloopd.memory import experiments as ex
 from rloopd.memory.state import fold
 
-from .conftest import rloopd
+from .conftest import need_root, rloopd
 
 INSTANT = Path(__file__).parent / "labs" / "instant"
 
@@ -239,8 +239,7 @@ def test_unknown_run_and_step(home_dir, home, lab):
 
 
 def test_unreadable_lab(home_dir, lab):
-    if os.geteuid() != 0:
-        pytest.skip("needs root to switch to an unprivileged uid")
+    need_root()
     import tempfile
     public = Path(tempfile.mkdtemp(prefix="rloopd-lab-"))
     public.chmod(0o755)

@@ -14,7 +14,7 @@ import pytest
 from rloopd.runner import Experiment, Interrupted, run_experiment
 from rloopd.sandbox import training_sandbox
 
-from .conftest import need_tool
+from .conftest import need_root, need_tool
 
 # A stand-in judge: makes {base} under --scratch, starts one child through the sandbox prefix, and
 # reports what the child could see of the judge's private paths (its log, result and model paths).
@@ -54,8 +54,8 @@ def experiment(tmp_path: Path, judge: str, sandbox: list[str], timeout: float = 
                       private=tmp_path / "home" / "tmp" / "r" / "judge")
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the uid switch needs root")
 def test_children_cannot_read_the_judges_files(tmp_path):
+    need_root()
     need_tool("bwrap")
     scratch = tmp_path / "home" / "tmp" / "r" / "scratch"
     box = training_sandbox(61002, hide=[tmp_path / "home"], scratch=scratch, kind="bwrap")

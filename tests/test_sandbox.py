@@ -13,7 +13,7 @@ import pytest
 
 from rloopd.sandbox import SandboxError, allocate_uid, resolve_kind, training_sandbox
 
-from .conftest import need_tool
+from .conftest import need_root, need_tool
 
 PROBE = r"""
 import json, os, socket
@@ -39,8 +39,8 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the uid switch needs root")
 def test_bwrap_sandbox_confines_training(tmp_path):
+    need_root()
     need_tool("bwrap")
     home, lab = tmp_path / "home", tmp_path / "lab"
     for d in (home, lab):
