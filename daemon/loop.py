@@ -268,8 +268,8 @@ class Loop:
         self.append(*events)
         if outcome.workdir is not None:
             shutil.rmtree(outcome.workdir, ignore_errors=True)
-        if not d.accepted:
-            runs.restore_workspace(self.home, self.state, self.run_dir / "workspace")
+        if not d.accepted:  # the workspace holds the rejected change: put the best commit back, no probe
+            self.home.snapshots.restore(self.state.best_commit or self.state.base_commit, self.run_dir / "workspace")
         self.project()
 
     def project(self) -> None:

@@ -12,19 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import need_root
 from tests.labfixtures import harness as h
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 DROP = "setpriv --reuid=65534 --regid=65534 --clear-groups"
 
 
 def need_root_and_setpriv():
-    """Skip on a laptop without root or setpriv; in CI that is a broken setup, not a skip."""
-    missing = "root" if os.geteuid() != 0 else ("setpriv" if shutil.which("setpriv") is None else None)
-    if missing:
-        if IN_CI:
-            pytest.fail(f"the secrecy test needs {missing}, and CI=true")
-        pytest.skip(f"the secrecy test runs children as uid 65534 and needs {missing}")
+    """The children run as uid 65534: root and setpriv are needed (a skip on a laptop, a failure in CI)."""
+    need_root()
 
 
 def hidden_test_split(secrets: dict, cache) -> bytes:
