@@ -85,7 +85,7 @@ def mfu(device_name: str, params: int | None, tokens_per_second: float) -> float
                  if k in device_name), None)
     if not peak or not params:
         return None
-    return round(6 * params * tokens_per_second / peak, 4)
+    return float(f"{6 * params * tokens_per_second / peak:.4g}")  # 4 significant digits: tiny models stay > 0
 
 
 def run(args, secrets: dict, sealed: bool) -> dict:

@@ -121,3 +121,16 @@ def test_default_train_py_learns_in_12_seconds(tmp_path):
     assert result["val_bpb"] > result["oracle_bpb"] + 0.3
     assert 11.5 < result["train_seconds"] < 14 and result["train_steps"] > 30
     assert math.isfinite(result["tokens_per_second"]) and result["mfu"] is None
+
+
+def test_mfu_keeps_small_models_above_zero_and_knows_the_cards(monkeypatch):
+    # A tiny model on an H100 sits near 1e-6 MFU; rounding to fixed decimals reported 0.0 (seen on an H100).
+    import importlib.util
+    monkeypatch.syspath_prepend(str(h.ROOT / "frozen"))
+    spec = importlib.util.spec_from_file_location("lab_experiment_under_test", h.ROOT / "frozen" / "experiment.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    tiny = mod.mfu("NVIDIA H100 80GB HBM3", 25_792, 3433.2)
+    assert 0 < tiny < 1e-5
+    assert mod.mfu("NVIDIA H100 80GB HBM3", 4_987_392, 2_847_029.0) == pytest.approx(0.0861, rel=1e-3)
+    assert mod.mfu("cpu", 25_792, 3433.2) is None and mod.mfu("NVIDIA A100-SXM4-40GB", None, 1.0) is None
