@@ -11,13 +11,11 @@ and replica again as the next attempt, so a crashed process costs at most the ex
 from __future__ import annotations
 
 import shutil
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from pathlib import Path
 
 from rloopd import runs
 from rloopd.agents import random_search
@@ -31,8 +29,7 @@ from rloopd.memory import experiments as ex
 from rloopd.memory.experiments import ExperimentsTable, results_tsv
 from rloopd.memory.rundir import MemoryFiles, project_memory
 from rloopd.memory.state import RunState, fold, parse_at
-from rloopd.runner import Experiment, Interrupted, Outcome, run_experiment
-from rloopd.sandbox import training_sandbox
+from rloopd.runner import Interrupted, Outcome, run_experiment
 
 OnEvent = Callable[[Event], None]
 SlotFactory = Callable[[], AbstractContextManager[dict[str, str]]]
@@ -232,21 +229,11 @@ class Loop:
 
     def execute(self, commit: str, step: int, attempt: int, env: dict[str, str]) -> Outcome:
         runs.check_manifest(self.home, self.created)
-        scratch = self.home.path / "tmp" / self.run_id / "scratch"
         snapshot = self.home.path / "tmp" / self.run_id / f"ws-{step}-{attempt}"
         shutil.rmtree(snapshot, ignore_errors=True)
         snapshot.mkdir(parents=True)
         self.home.snapshots.export(commit, snapshot)
-        judge = runs.judge_dir(self.home, self.created)
-        sandbox = training_sandbox(self.created.get("uid"), hide=[self.home.path, Path(self.created["lab"])],
-                                   scratch=scratch, kind=self.created["sandbox"])
-        entry = self.lab.entry_command(judge, sys.executable)
-        exp = Experiment(command=entry, workspace=snapshot, budget=self.created["budget"],
-                         timeout=self.lab.timeout, seed=self.created["seed"] * 1000 + step,
-                         secrets=runs.lab_secrets(self.home), sandbox=sandbox.prefix,
-                         cache=self.home.path / "cache", scratch=scratch,
-                         private=self.home.path / "tmp" / self.run_id / "judge", extra_args=self.lab.entry_args(),
-                         env=env)
+        exp = runs.experiment_for(self.home, self.run_id, self.created, self.lab, snapshot, step, env=env)
         try:
             return run_experiment(exp, self.stop.event)
         finally:

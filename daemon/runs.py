@@ -15,6 +15,7 @@ import os
 import re
 import secrets
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ from rloopd.lab import Lab, load_lab
 from rloopd.log import NewEvent, canonical_json, new_id
 from rloopd.memory.rundir import materialize_frozen
 from rloopd.memory.state import RunState
-from rloopd.sandbox import allocate_uid, resolve_kind
+from rloopd.runner import Experiment
+from rloopd.sandbox import allocate_uid, resolve_kind, training_sandbox
 
 
 def new_run_id() -> str:
@@ -176,3 +178,22 @@ def restore_workspace(home: Home, state: RunState, workspace: Path) -> None:
     target = state.best_commit or state.base_commit
     if not workspace.exists() or not home.snapshots.tree_equal(target, workspace):
         home.snapshots.restore(target, workspace)
+
+
+def experiment_seed(created: dict[str, Any], step: int) -> int:
+    """The training seed of a step: one per step of a run, the same for each attempt and for a re-execution."""
+    return created["seed"] * 1000 + step
+
+
+def experiment_for(home: Home, run: str, created: dict[str, Any], lab: Lab, snapshot: Path, step: int, *,
+                   budget: str | None = None, env: dict[str, str] | None = None) -> Experiment:
+    """What the runner needs to run `step` of `run` on the workspace files in `snapshot`, in the run's sandbox,
+    under the judge's copy of the recorded frozen files (the loop and `replay --reexecute` share this)."""
+    scratch = home.path / "tmp" / run / "scratch"
+    judge = judge_dir(home, created)
+    sandbox = training_sandbox(created.get("uid"), hide=[home.path, Path(created["lab"])], scratch=scratch,
+                               kind=created["sandbox"])
+    return Experiment(command=lab.entry_command(judge, sys.executable), workspace=snapshot,
+                      budget=budget or created["budget"], timeout=lab.timeout, seed=experiment_seed(created, step),
+                      secrets=lab_secrets(home), sandbox=sandbox.prefix, cache=home.path / "cache", scratch=scratch,
+                      private=home.path / "tmp" / run / "judge", extra_args=lab.entry_args(), env=env or {})
