@@ -83,10 +83,11 @@ def audit(log: EventLog, blobs: BlobStore | None, streams: list[str] | None = No
     if own:
         log.conn.execute("BEGIN")
     try:
+        gone = collected_blobs(log) if blobs is not None else set()
         for name in names:
             rep = StreamReport(name)
             report.streams.append(rep)
-            _audit_stream(log, blobs, name, rep, report, seen_blobs)
+            _audit_stream(log, blobs, name, rep, report, seen_blobs, gone)
             if name in expect and expect[name] != rep.head:
                 report.problems.append(Problem(
                     name, None, None, f"head hash {rep.head or '(empty)'} is not the expected {expect[name]}"))
@@ -99,8 +100,16 @@ def audit(log: EventLog, blobs: BlobStore | None, streams: list[str] | None = No
     return report
 
 
+def collected_blobs(log: EventLog) -> set[str]:
+    """Blobs that `rloopd gc` removed on purpose (recorded as `blobs.collected` in the home stream)."""
+    gone: set[str] = set()
+    for (text,) in log.conn.execute("SELECT data FROM events WHERE stream = 'home' AND type = 'blobs.collected'"):
+        gone.update(json.loads(text).get("removed", []))
+    return gone
+
+
 def _audit_stream(log: EventLog, blobs: BlobStore | None, name: str, rep: StreamReport,
-                  report: AuditReport, seen_blobs: set[str]) -> None:
+                  report: AuditReport, seen_blobs: set[str], gone: set[str]) -> None:
     link, expected_n, last_seq = None, 0, 0
     rows = log.conn.execute(
         "SELECT seq, n, type, v, at, data, prev, hash FROM events WHERE stream = ? ORDER BY n", (name,))
@@ -140,7 +149,7 @@ def _audit_stream(log: EventLog, blobs: BlobStore | None, name: str, rep: Stream
                         continue
                     seen_blobs.add(ref)
                     why = blobs.verify(ref)
-                    if why:
+                    if why and not (ref in gone and not blobs.exists(ref)):  # collected on purpose: not lost
                         bad(why)
         link, expected_n, last_seq = stored, n + 1, seq
         rep.head = stored

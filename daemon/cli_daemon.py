@@ -14,7 +14,7 @@ from rloopd import control
 from rloopd.cli import HomeOpt, JsonOpt, app, command, emit_json, out
 from rloopd.errors import DaemonError
 from rloopd.home import Home, default_home
-from rloopd.lock import daemon_running
+from rloopd.lock import HomeLock, daemon_running
 
 RunArg = Annotated[str, typer.Argument(help="Run id, unique prefix or name.")]
 
@@ -57,6 +57,20 @@ def _send(home: Path | None, op: str, args: dict) -> dict:
     if not (daemon_running(path) and control.socket_path(path).exists()):
         raise DaemonError(f"no daemon serves {path}: start one with `rloopd serve --home {path}`")
     return control.call(path, op, args)
+
+
+def _send_or_here(home: Path | None, op: str, args: dict, here) -> dict:
+    """Through the daemon when one serves the home (it is the writer); else here, holding the home's lock."""
+    path = Path(home) if home else default_home()
+    if daemon_running(path) and control.socket_path(path).exists():
+        return control.call(path, op, args, timeout=600)
+    with Home.open(path, create=False) as h:
+        lock = HomeLock(h.path)
+        lock.acquire(f"rloopd {op}")
+        try:
+            return here(h)
+        finally:
+            lock.release()
 
 
 def _report(result: dict, json_: bool) -> None:
@@ -123,3 +137,53 @@ def backup_cmd(dest: Annotated[Path, typer.Argument(help="A new directory for th
         emit_json(summary)
     else:
         out.print(f"backup of {summary['events']} events, {summary['blobs']} blobs in {dest}")
+
+
+@app.command("archive")
+@command
+def archive_cmd(run: RunArg, reason: Annotated[str, typer.Option("--reason", help="Why, for the record.")] = "",
+                json_: JsonOpt = False, home: HomeOpt = None) -> None:
+    """Archive a finished, stopped or failed run: it leaves `rloopd status` and stays verifiable.
+
+    Its events, blobs, commits and run directory are kept (replay and audit still pass); `rloopd gc` then
+    keeps only its best checkpoint. `rloopd status --all` lists it.
+
+    Example: rloopd archive lr-sweep --reason "superseded by lr-sweep-2"
+    """
+    from rloopd.housekeeping import archive_run
+
+    def here(h: Home) -> dict:
+        run_id = h.log.resolve(run)
+        return {"run_id": run_id, "status": archive_run(h, run_id, reason)}
+
+    _report(_send_or_here(home, "archive", {"run": run, "reason": reason}, here), json_)
+
+
+@app.command("gc")
+@command
+def gc_cmd(
+    keep_last: Annotated[int, typer.Option("--keep-last", help="Checkpoints kept per run besides the best.")] = 3,
+    orphan_age: Annotated[float, typer.Option(
+        "--orphan-age", help="Seconds before a blob no event names counts as an orphan.")] = 3600.0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be removed; remove nothing.")] = False,
+    json_: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Remove blobs no event needs: checkpoints beyond the best and last K of each run, and old orphans.
+
+    Frozen files, program versions, diffs, training logs and notes are never removed. What was removed,
+    and under which rule, is recorded as `blobs.collected` in the `home` stream; `rloopd audit` still passes.
+
+    Example: rloopd gc --keep-last 2 --dry-run
+    """
+    from rloopd.housekeeping import collect
+
+    args = {"keep_last": keep_last, "orphan_age": orphan_age, "dry_run": dry_run}
+    result = _send_or_here(home, "gc", args, lambda h: collect(h, keep_last, orphan_age, dry_run).as_dict())
+    if json_:
+        emit_json(result)
+    else:
+        verb = "would remove" if result["dry_run"] else "removed"
+        out.print(f"{verb} {result['removed']} blobs ({result['checkpoints']} checkpoints, {result['orphans']} "
+                  f"orphans), {result['bytes_freed'] / 1e6:.1f} MB; {result['kept_checkpoints']} checkpoints kept "
+                  f"({result['rule']})")

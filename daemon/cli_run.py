@@ -167,13 +167,17 @@ def _no_daemon(home: Path) -> int:
 
 @app.command("status")
 @command
-def status_cmd(json_: JsonOpt = False, home: HomeOpt = None) -> None:
-    """List runs with their status, step, experiments and best result.
+def status_cmd(
+    all_: Annotated[bool, typer.Option("--all", help="Archived runs too.")] = False,
+    json_: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """List runs with their status, step, experiments and best result (archived ones with --all).
 
     Example: rloopd status --json
     """
     with Home.open(home, create=False) as h:
-        rows = views.status_rows(h)
+        rows = views.status_rows(h, archived=all_)
         if daemon_running(h.path) and control.socket_path(h.path).exists():
             live = control.call(h.path, "status", timeout=10)["runs"]
             for row in rows:

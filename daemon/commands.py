@@ -150,5 +150,19 @@ def status(daemon: Daemon, home: Home, args: dict, request: str) -> dict[str, An
             "busy": dict(daemon.pool.holders), "runs": live}
 
 
+def archive(daemon: Daemon, home: Home, args: dict, request: str) -> dict[str, Any]:
+    from rloopd.housekeeping import archive_run
+
+    run_id = home.log.resolve(args["run"])
+    return {"run_id": run_id, "status": archive_run(home, run_id, args.get("reason", ""), request=request)}
+
+
+def gc(daemon: Daemon, home: Home, args: dict, request: str) -> dict[str, Any]:
+    from rloopd.housekeeping import collect
+
+    return collect(home, int(args["keep_last"]), float(args["orphan_age"]), bool(args.get("dry_run")),
+                   request=request).as_dict()
+
+
 HANDLERS = {"ping": ping, "run": run, "fork": fork, "pause": pause, "resume": resume, "stop": stop, "program": program,
-            "status": status}
+            "archive": archive, "gc": gc, "status": status}

@@ -80,10 +80,13 @@ def print_summary(console: Console, s: dict[str, Any]) -> None:
     console.print(f"best {s['metric']} {_fmt(s['best'])} at step {s['best_step']}; floor {_fmt(s['floor'])}{gap}")
 
 
-def status_rows(h: Home) -> list[dict[str, Any]]:
+def status_rows(h: Home, archived: bool = False) -> list[dict[str, Any]]:
+    """One row per run; archived runs only when asked for."""
     rows = []
     for created in h.log.runs():
         st = run_state(h.log, created.stream)
+        if st.status == "archived" and not archived:
+            continue
         parent = created.data.get("parent")
         rows.append({"run_id": st.run, "name": st.name, "status": st.status, "agent": created.data["agent"],
                      "parent": None if not parent else {"run": parent["run"], "step": parent["step"]},

@@ -101,10 +101,12 @@ def project_memory(run_dir: Path, mem: MemoryFiles, blobs: BlobStore, results_ts
     for path, blob in mem.files.items():
         if path != "notes.md":
             put(memory / path, blob)
-    if mem.checkpoint_blob:
-        put(memory / CHECKPOINT, mem.checkpoint_blob, 0o444)
+    # A checkpoint `rloopd gc` collected (a fork's at an old step) is simply absent; audit tells that from a loss.
+    checkpoint = mem.checkpoint_blob if mem.checkpoint_blob and blobs.exists(mem.checkpoint_blob) else None
+    if checkpoint:
+        put(memory / CHECKPOINT, checkpoint, 0o444)
     # What is not in the log does not survive: files the fold does not name are removed.
-    keep = {"results.tsv", "notes.md", *mem.files} | ({CHECKPOINT} if mem.checkpoint_blob else set())
+    keep = {"results.tsv", "notes.md", *mem.files} | ({CHECKPOINT} if checkpoint else set())
     for path in sorted(memory.rglob("*"), reverse=True):
         rel = path.relative_to(memory).as_posix()
         if path.is_file() or path.is_symlink():
