@@ -80,14 +80,13 @@ def test_bad_steps_are_one_line_and_train_nothing(home, finished, args, words):
 
 @pytest.mark.slow
 def test_a_recorded_cpu_experiment_reproduces(tmp_path):
-    """The reference lab, really trained under a time budget, then re-executed with the recorded step count."""
+    """The reference lab, really trained (in the sandbox), then re-executed: a steps budget reproduces exactly."""
     root = Path(__file__).resolve().parents[1]
     with Home.open(tmp_path / "home") as h:
-        run = runs.create_run(h, root, agent="random", experiments=0, budget="2", seed=7, name=None)
+        run = runs.create_run(h, root, agent="random", experiments=0, budget="steps:12", seed=7, name=None)
         Loop(h, run).run()
         [f] = [e.data for e in h.log.read(run, types=["experiment.finished"])]
         assert f["status"] == "ok", h.blobs.get_text(f["log_blob"])[-2000:]
-        [r] = reexecute(h, run, "0", tolerance=0.02)
-        assert r.budget == f"steps:{f['metrics']['train_steps']}"
-        assert r.status == "ok" and r.reproduced, r
-        assert abs(r.difference) <= 0.02
+        [r] = reexecute(h, run, "0", tolerance=0.0)
+        assert r.budget == "steps:12" and r.status == "ok"
+        assert r.reproduced and r.difference == 0.0 and r.measured == f["metrics"]["val_bpb"], r
