@@ -1,0 +1,63 @@
+"""One agent session as a real process group: exit, timeout, silence, stop requests, floods, leftovers."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from rloopd.session import SessionSpec, run_session
+
+
+def spec(tmp_path, script: str, **kw) -> SessionSpec:
+    return SessionSpec(["/bin/sh", "-c", script], tmp_path, {"PATH": os.environ["PATH"]}, **kw)
+
+
+def test_an_agent_that_exits_is_recorded_with_its_code_and_output(tmp_path):
+    r = run_session(spec(tmp_path, "echo thinking; echo oops >&2; exit 3"))
+    assert (r.reason, r.exit_code) == ("agent-exit", 3)
+    assert r.output == b"thinking\noops\n" and not r.truncated
+
+
+def test_a_missing_command_is_an_error_with_a_reason(tmp_path):
+    r = run_session(SessionSpec(["/no/such/agent"], tmp_path, {}))
+    assert r.reason == "error" and r.exit_code is None and "/no/such/agent" in r.detail
+
+
+def test_a_session_past_its_timeout_is_terminated_then_killed(tmp_path):
+    t0 = time.monotonic()
+    r = run_session(spec(tmp_path, "trap '' TERM; echo start; while :; do sleep 0.1; done", timeout=0.5, grace=0.5))
+    assert r.reason == "timeout" and "timeout of 0.5 s" in r.detail and r.exit_code == -9
+    assert r.output == b"start\n" and time.monotonic() - t0 < 5
+
+
+def test_a_silent_agent_is_ended(tmp_path):
+    r = run_session(spec(tmp_path, "echo hello; sleep 30", quiet_timeout=0.5, grace=1))
+    assert r.reason == "timeout" and "no output for 0.5 s" in r.detail and r.seconds < 5
+
+
+def test_a_stop_request_ends_the_session_with_its_reason(tmp_path):
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    r = run_session(spec(tmp_path, "echo working; sleep 30"), stop=stop, stop_reason=lambda: "window")
+    assert r.reason == "window" and r.exit_code == -15 and r.seconds < 5
+    stop = threading.Event()
+    stop.set()
+    assert run_session(spec(tmp_path, "sleep 30"), stop=stop, stop_reason=lambda: "shutdown").reason == "daemon-restart"
+
+
+def test_a_flood_is_counted_but_not_kept(tmp_path):
+    r = run_session(spec(tmp_path, "head -c 20000000 /dev/zero | tr '\\0' x", max_output=1 << 20))
+    assert r.reason == "agent-exit" and r.output_bytes == 20_000_000 and r.truncated
+    assert len(r.output) < (1 << 20) + 100 and b"bytes of output not kept" in r.output
+
+
+def test_children_left_behind_do_not_outlive_the_session(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    r = run_session(spec(tmp_path, f"sleep 60 & echo $! > {pid_file}; echo bye"))
+    assert r.reason == "agent-exit" and r.output == b"bye\n" and r.seconds < 5
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{pid}")
