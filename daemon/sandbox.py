@@ -118,3 +118,74 @@ def training_sandbox(uid: int | None, *, hide: list[Path], scratch: Path | None 
                 args += _reexpose(k, d)
     args += ["--bind", "{base}", "{base}", "--chdir", "{base}", "--"]
     return Sandbox("bwrap", args + (_drop_to(uid) if uid else []), uid)
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """Per-session resource limits (RLIMITs, set by prlimit before the uid switch, so they bind the run's uid)."""
+
+    processes: int = 256
+    memory_mb: int = 8192  # address space
+    file_mb: int = 1024  # largest file the agent may write
+
+
+def _limits(limits: SessionLimits) -> list[str]:
+    return [shutil.which("prlimit") or "prlimit", f"--nproc={limits.processes}",
+            f"--as={limits.memory_mb << 20}", f"--fsize={limits.file_mb << 20}", "--"]
+
+
+def session_sandbox(uid: int | None, *, home: Path, run_dir: Path, session_dir: Path, kind: str = "auto",
+                    limits: SessionLimits = SessionLimits()) -> Sandbox:
+    """The prefix for an agent session (DESIGN section 7): the filesystem read-only except the run's
+    `workspace/`, `memory/notes.md`, `memory/artifacts/` and `session_dir` (its HOME, its temporary
+    directory and its socket to the daemon); of the home only its own run directory is visible; all
+    capabilities dropped and, as root, the run's own uid; network kept (the agent calls its model).
+    `kind` as for `training_sandbox`; without bubblewrap the uid switch and the limits still apply as root.
+    """
+    kind = resolve_kind(kind)
+    root = os.geteuid() == 0
+    uid = uid if root else None
+    tail = (_limits(limits) if shutil.which("prlimit") else []) + (_drop_to(uid) if uid else [])
+    if kind == "none" or (kind == "setpriv" and uid is None):
+        return Sandbox("none", tail if uid else [], None)
+    if kind == "setpriv":
+        return Sandbox("setpriv", tail, uid)
+    args = [shutil.which("bwrap") or "bwrap", "--unshare-ipc", "--unshare-pid", "--unshare-uts", "--unshare-cgroup-try",
+            "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+    if root:
+        args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP"]
+    else:
+        args += ["--unshare-user"]
+    args += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    run_dir, session_dir = Path(run_dir).resolve(), Path(session_dir).resolve()
+    keep = {Path(p).resolve() for p in (sys.prefix, sys.base_prefix, Path(sys.executable).resolve().parent.parent)}
+    keep.add(run_dir)
+    keep.add(session_dir)
+    hidden = sorted({Path(d).resolve() for d in [home, Path.home(), Path("/tmp")] if Path(d).exists()},
+                    key=lambda p: len(p.parts))
+    for d in hidden:
+        if any(_within(d, h) and d != h for h in hidden):
+            continue
+        args += ["--tmpfs", str(d)]
+        for k in sorted(keep):
+            if _within(k, d) and k != d:
+                args += _reexpose(k, d)
+    for writable in (run_dir / "workspace", run_dir / "memory" / "notes.md", run_dir / "memory" / "artifacts",
+                     session_dir):
+        args += ["--bind", str(writable), str(writable)]
+    args += ["--chdir", str(run_dir), "--"]
+    return Sandbox("bwrap", args + tail, uid)
+
+
+def give_to(uid: int | None, *paths: Path) -> None:
+    """Make the agent's writable paths its own uid's (as root; the daemon writes them as root)."""
+    if uid is None or os.geteuid() != 0:
+        return
+    for top in paths:
+        if not top.exists():
+            continue
+        os.chown(top, uid, uid, follow_symlinks=False)
+        if top.is_dir() and not top.is_symlink():
+            for dirpath, dirnames, filenames in os.walk(top):
+                for name in dirnames + filenames:
+                    os.chown(os.path.join(dirpath, name), uid, uid, follow_symlinks=False)
