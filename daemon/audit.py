@@ -10,11 +10,13 @@ catches that.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from rloopd import events as ev
 from rloopd.blobs import BlobStore
-from rloopd.log import EventLog, canonical_event, canonical_json, chain_hash
+from rloopd.log import EventLog, canonical_json, event_hash, parse_json
 
 
 @dataclass
@@ -72,9 +74,15 @@ def _fork_prev(log: EventLog, data: dict) -> str | None:
     return row[0] if row else "<missing parent event>"
 
 
+# Called with the stream, a row as read, (seq, n, type, v, at, data text, prev, hash, id), and its parsed
+# data (None when it is not JSON), once the row is checked: replay folds the history in the pass that
+# verifies it. Given per type (`visit[type]`), so the events nobody folds cost no call.
+Visit = Callable[[str, tuple, Any], None]
+
+
 def audit(log: EventLog, blobs: BlobStore | None, streams: list[str] | None = None,
-          expect: dict[str, str] | None = None) -> AuditReport:
-    """Check the chosen streams (all by default) and return every problem found."""
+          expect: dict[str, str] | None = None, visit: Mapping[str, Visit] | None = None) -> AuditReport:
+    """Check the chosen streams (all by default, in the order given) and return every problem found."""
     report = AuditReport()
     expect = expect or {}
     names = streams if streams is not None else log.streams()
@@ -87,7 +95,7 @@ def audit(log: EventLog, blobs: BlobStore | None, streams: list[str] | None = No
         for name in names:
             rep = StreamReport(name)
             report.streams.append(rep)
-            _audit_stream(log, blobs, name, rep, report, seen_blobs, gone)
+            _audit_stream(log, blobs, name, rep, report, seen_blobs, gone, visit)
             if name in expect and expect[name] != rep.head:
                 report.problems.append(Problem(
                     name, None, None, f"head hash {rep.head or '(empty)'} is not the expected {expect[name]}"))
@@ -109,22 +117,26 @@ def collected_blobs(log: EventLog) -> set[str]:
 
 
 def _audit_stream(log: EventLog, blobs: BlobStore | None, name: str, rep: StreamReport,
-                  report: AuditReport, seen_blobs: set[str], gone: set[str]) -> None:
+                  report: AuditReport, seen_blobs: set[str], gone: set[str],
+                  visit: Mapping[str, Visit] | None) -> None:
     link, expected_n, last_seq = None, 0, 0
+    payloads = _Payloads(name, report.problems)
     rows = log.conn.execute(
-        "SELECT seq, n, type, v, at, data, prev, hash FROM events WHERE stream = ? ORDER BY n", (name,))
-    for seq, n, type_, v, at, text, prev, stored in rows:
+        "SELECT seq, n, type, v, at, data, prev, hash, id FROM events WHERE stream = ? ORDER BY n", (name,))
+    seq = n = 0
+
+    def bad(what: str) -> None:  # about the event being checked (made once, not once per event)
+        report.problems.append(Problem(name, n, seq, what))
+
+    for row in rows:
+        seq, n, type_, v, at, text, prev, stored, _ = row
         rep.events += 1
-
-        def bad(what: str, seq: int = seq, n: int = n) -> None:
-            report.problems.append(Problem(name, n, seq, what))
-
         if n != expected_n:
             bad(f"position gap: expected n={expected_n} (an event is missing)")
         if seq < last_seq:
             bad("out of order: its seq is lower than the previous event's")
         try:
-            data = json.loads(text)
+            data = parse_json(text)
             canon = canonical_json(data)
         except ValueError as e:
             bad(f"data is not valid JSON: {e}")
@@ -135,14 +147,10 @@ def _audit_stream(log: EventLog, blobs: BlobStore | None, name: str, rep: Stream
             link = (_fork_prev(log, data) if type_ == "run.created" else None) or ""
         if prev != link:
             bad("prev does not match the hash of the event before it")
-        computed = chain_hash(prev, canonical_event(name, n, type_, v, at, canon))
-        if computed != stored:
+        if event_hash(prev, name, n, type_, v, at, canon) != stored:
             bad("hash does not match its contents")
         if data is not None:
-            try:
-                ev.decode(type_, v, data)
-            except Exception as e:  # noqa: BLE001 - any decoding failure is an audit finding
-                bad(str(e))
+            payloads.check(type_, v, data, seq, n)
             if blobs is not None:
                 for ref in ev.blob_refs(data):
                     if ref in seen_blobs:
@@ -153,3 +161,42 @@ def _audit_stream(log: EventLog, blobs: BlobStore | None, name: str, rep: Stream
                         bad(why)
         link, expected_n, last_seq = stored, n + 1, seq
         rep.head = stored
+        if visit is not None and type_ in visit:
+            visit[type_](name, row, data)
+    payloads.flush()
+
+
+class _Payloads:
+    """Checks payloads against their models in batches, one pydantic call per type in a batch (a call per
+    event would cost more than the rest of the audit), and puts each problem found where a check per event
+    would have: at its place among the problems."""
+
+    BATCH = 4096
+
+    def __init__(self, stream: str, problems: list[Problem]):
+        self.stream, self.problems = stream, problems
+        self.pending: list[tuple[str, int, Any, int, int, int]] = []
+
+    def check(self, type_: str, v: int, data: Any, seq: int, n: int) -> None:
+        self.pending.append((type_, v, data, seq, n, len(self.problems)))
+        if len(self.pending) >= self.BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i, (type_, v, *_) in enumerate(self.pending):
+            groups.setdefault((type_, v), []).append(i)
+        found = []  # (its place, its order, the problem)
+        for (type_, v), items in groups.items():
+            current = ev.TYPES.get(type_, (None,))[0] == v  # else unknown, older (to upcast) or newer
+            if current and ev.all_valid(type_, [self.pending[i][2] for i in items]):
+                continue
+            for i in items:
+                _, _, data, seq, n, at = self.pending[i]
+                try:
+                    ev.decode(type_, v, data)
+                except Exception as e:  # noqa: BLE001 - any decoding failure is an audit finding
+                    found.append((at, i, Problem(self.stream, n, seq, str(e))))
+        for at, _, problem in sorted(found, key=lambda f: f[:2], reverse=True):  # the latest first: the
+            self.problems.insert(at, problem)  # earlier places stay where they are
+        self.pending.clear()

@@ -17,7 +17,9 @@ from rloopd.lock import HomeLock, daemon_running
 from rloopd.log import Event
 from rloopd.loop import Loop, LoopOptions, Stop
 
-AgentOpt = Annotated[str, typer.Option("--agent", "-a", help="random (one constant per step) or random:all.")]
+AgentOpt = Annotated[str | None, typer.Option(
+    "--agent", "-a", help="random (one constant per step), random:all, or cmd:'COMMAND {prompt_file}' "
+                          "(default: the lab's [agent] spec, else random).")]
 
 
 def live_table(h: Home, run: str) -> tuple[views.LiveTable, Live]:
@@ -71,7 +73,7 @@ def follow_daemon(h: Home, run: str) -> dict[str, Any]:
 @command
 def run_cmd(
     lab: Annotated[Path, typer.Option("--lab", help="The lab directory (holds rloop.toml).")] = Path("."),
-    agent: AgentOpt = "random",
+    agent: AgentOpt = None,
     experiments: Annotated[int, typer.Option("--experiments", "-n", help="Experiments after the baseline.")] = 8,
     budget: Annotated[str | None, typer.Option("--budget", help="Seconds per experiment, or steps:N.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="The run's seed (proposals, training).")] = 0,

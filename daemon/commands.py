@@ -50,7 +50,7 @@ def run(daemon: Daemon, home: Home, args: dict, request: str) -> dict[str, Any]:
     prior = home.log.conn.execute("SELECT stream FROM events WHERE id = ?", (request,)).fetchone()
     if prior:
         return {"run_id": prior[0]}
-    run_id = runs.create_run(home, Path(args["lab"]), agent=args.get("agent", "random"),
+    run_id = runs.create_run(home, Path(args["lab"]), agent=args.get("agent"),
                              experiments=args.get("experiments"), budget=args.get("budget"),
                              seed=int(args.get("seed", 0)), name=args.get("name"),
                              sandbox=args.get("sandbox", "auto"), window=args.get("window"), request=request)
@@ -164,5 +164,13 @@ def gc(daemon: Daemon, home: Home, args: dict, request: str) -> dict[str, Any]:
                    request=request).as_dict()
 
 
+def import_(daemon: Daemon, home: Home, args: dict, request: str) -> dict[str, Any]:
+    """Import an archive while this daemon holds the home; importing is idempotent, so a retry adds nothing.
+    The imported run is not started: it is a record of work done elsewhere."""
+    from rloopd.transfer import import_archive
+
+    return import_archive(home, Path(args["file"]), args.get("expect") or {})
+
+
 HANDLERS = {"ping": ping, "run": run, "fork": fork, "pause": pause, "resume": resume, "stop": stop, "program": program,
-            "archive": archive, "gc": gc, "status": status}
+            "archive": archive, "gc": gc, "import": import_, "status": status}

@@ -57,5 +57,7 @@ def call(home: Path, op: str, args: dict[str, Any] | None = None, *, request: st
     except (OSError, ValueError) as e:
         raise DaemonError(f"the daemon at {path} did not answer: {e}") from None
     if not reply.get("ok"):
-        raise DaemonError(str(reply.get("error", "the daemon refused the request")))
+        refused = DaemonError(str(reply.get("error", "the daemon refused the request")))
+        refused.exit_code = int(reply.get("exit_code", DaemonError.exit_code))  # e.g. 1 for a failed verification
+        raise refused
     return reply.get("result") or {}

@@ -63,3 +63,17 @@ class AuditFailed(RloopdError):
 
 class LabConfigError(RloopdError):
     """rloop.toml (or a file it names) is malformed or incomplete."""
+
+
+class ArchiveUnreadable(RloopdError):
+    """An archive file that cannot be taken in: unreadable, truncated, not an rloopd archive, or newer."""
+
+
+class ArchiveInvalid(RloopdError):
+    """An archive whose contents do not verify: an altered event, blob, commit or digest."""
+
+    exit_code = 1
+
+
+class ImportConflict(RloopdError):
+    """An archive's stream differs from the stream of the same id already in the home."""

@@ -11,10 +11,13 @@ a key named `blob` or ending in `_blob` holds one sha256 hex digest, a key endin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any, Literal
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, Literal, NotRequired
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+from typing_extensions import TypedDict
 
 from rloopd.errors import PayloadInvalid, UnknownEventType
 
@@ -103,13 +106,21 @@ SessionEndReason = Literal[
 
 
 class SessionEnded(Payload):
+    """v2: token counts as one `usage` mapping (v1 had only `tokens_in`/`tokens_out`), because the CLIs
+    report more kinds than two (cached input, cache writes, reasoning), each priced differently."""
+
     session: int
     exit_code: int | None = None
     reason: SessionEndReason
-    tokens_in: int | None = None
-    tokens_out: int | None = None
+    usage: dict[str, int] = {}  # input, output, cached_input, cache_write, reasoning: as the agent reports them
     cost_usd: float | None = None
     output_blob: str | None = None
+
+
+def _session_ended_v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
+    usage = {new: data[old] for old, new in (("tokens_in", "input"), ("tokens_out", "output"))
+             if data.get(old) is not None}
+    return {**{k: v for k, v in data.items() if k not in ("tokens_in", "tokens_out")}, "usage": usage}
 
 
 class AgentActed(Payload):
@@ -211,6 +222,19 @@ class BlobsCollected(Payload):
     bytes_freed: int = 0
 
 
+class RunImported(Payload):
+    """In the `home` stream: streams added from an archive made on another home (`rloopd import`).
+
+    The runs it names are records of work done elsewhere: a daemon does not drive them while their head
+    is still the imported one (fork one to continue it here)."""
+
+    run: str
+    archive: str  # the archive file as given
+    sha256: str  # of the archive file
+    streams: dict[str, str] = {}  # stream -> its head hash after the import, for each stream it added to
+    events: int = 0
+
+
 # type -> (current version, model)
 TYPES: dict[str, tuple[int, type[Payload]]] = {
     "run.created": (1, RunCreated),
@@ -222,7 +246,7 @@ TYPES: dict[str, tuple[int, type[Payload]]] = {
     "run.archived": (1, RunNote),
     "program.changed": (1, ProgramChanged),
     "session.started": (1, SessionStarted),
-    "session.ended": (1, SessionEnded),
+    "session.ended": (2, SessionEnded),
     "agent.acted": (1, AgentActed),
     "experiment.submitted": (1, ExperimentSubmitted),
     "experiment.started": (1, ExperimentStarted),
@@ -236,10 +260,13 @@ TYPES: dict[str, tuple[int, type[Payload]]] = {
     "daemon.started": (1, DaemonStarted),
     "daemon.stopped": (1, DaemonStopped),
     "blobs.collected": (1, BlobsCollected),
+    "run.imported": (1, RunImported),
 }
 
 # (type, v) -> function turning a version-v payload dict into a version v+1 one.
-UPCASTERS: dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] = {}
+UPCASTERS: dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] = {
+    ("session.ended", 1): _session_ended_v1_to_v2,
+}
 
 
 def current_version(type_: str) -> int:
@@ -291,6 +318,35 @@ def upcast(type_: str, v: int, data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+@functools.cache
+def _list_validator(type_: str) -> TypeAdapter:
+    """A validator of lists of `type_` payloads. A model of plain fields (no validator, constraint or alias:
+    every model here) is checked as a TypedDict of the same fields and config, which accepts and refuses what
+    the model does (a test holds them to that) at a third of the cost, building no model per payload; any
+    other model is checked as itself."""
+    model = _model(type_)
+    hooks = model.__pydantic_decorators__
+    plain = not any(getattr(hooks, f.name) for f in dataclasses.fields(hooks)) and all(
+        not f.metadata and f.alias is None and f.discriminator is None and not f.validate_default
+        for f in model.model_fields.values())
+    if not plain:
+        return TypeAdapter(list[model])
+    shape = TypedDict(model.__name__, {
+        name: f.annotation if f.is_required() else NotRequired[f.annotation] for name, f in model.model_fields.items()})
+    shape.__pydantic_config__ = model.model_config
+    return TypeAdapter(list[shape])
+
+
+def all_valid(type_: str, payloads: list[dict[str, Any]]) -> bool:
+    """Whether every payload is a valid current-version `type_` payload: one pydantic call for all of them
+    (audit checks a million this way); `decode` each one to learn what is wrong with one."""
+    try:
+        _list_validator(type_).validate_python(payloads)
+    except ValidationError:
+        return False
+    return True
+
+
 def decode(type_: str, v: int, data: dict[str, Any]) -> Payload:
     """Read a stored payload back as today's model, upcasting older versions."""
     data = upcast(type_, v, data)
@@ -300,16 +356,26 @@ def decode(type_: str, v: int, data: dict[str, Any]) -> Payload:
         raise PayloadInvalid(_one_line(type_, e)) from None
 
 
-def blob_refs(data: Any) -> Iterator[str]:
-    """Every blob digest a payload names, by the naming rule in this module's docstring."""
-    if isinstance(data, dict):
+def blob_refs(data: Any) -> list[str]:
+    """Every blob digest a payload names, by the naming rule in this module's docstring.
+
+    Audit and replay call this for every event, so it builds one list and descends only into containers."""
+    found: list[str] = []
+    _collect_refs(data, found)
+    return found
+
+
+def _collect_refs(data: Any, found: list[str]) -> None:
+    if type(data) is dict:
         for key, value in data.items():
-            if (key == "blob" or key.endswith("_blob")) and isinstance(value, str):
-                yield value
-            elif key.endswith("_blobs") and isinstance(value, list):
-                yield from (x for x in value if isinstance(x, str))
-            else:
-                yield from blob_refs(value)
-    elif isinstance(data, list):
+            if type(value) is str:
+                if key == "blob" or key.endswith("_blob"):
+                    found.append(value)
+            elif type(value) is list and key.endswith("_blobs"):
+                found.extend(x for x in value if type(x) is str)
+            elif type(value) is dict or type(value) is list:
+                _collect_refs(value, found)
+    elif type(data) is list:
         for item in data:
-            yield from blob_refs(item)
+            if type(item) is dict or type(item) is list:
+                _collect_refs(item, found)

@@ -12,42 +12,55 @@ from pathlib import Path
 from typing import Any
 
 from rloopd.errors import LabConfigError, StepNotFound
-from rloopd.history import history
+from rloopd.history import ranges
 from rloopd.home import Home
-from rloopd.log import NewEvent, new_id
-from rloopd.memory.rundir import materialize_frozen
-from rloopd.memory.state import fold
+from rloopd.log import EventLog, NewEvent, new_id
+from rloopd.memory.experiments import ExperimentsTable
+from rloopd.memory.folded import FoldSnapshots, fold_history
+from rloopd.memory.rundir import materialize_frozen, project_memory
 from rloopd.runs import parse_window
 from rloopd.sandbox import allocate_uid
 
 
 def fork_point(home: Home, parent: str, step: int) -> tuple[str, int]:
-    """(stream, n) of the event the fork continues from; StepNotFound for a step not started or not decided."""
-    events = history(home.log, parent)
-    cut = next((i for i, e in enumerate(events) if e.type == "experiment.started" and e.data["step"] == step + 1),
-               len(events))
-    prefix = events[:cut]
-    if not any(e.type == "experiment.started" and e.data["step"] == step for e in prefix):
+    """(stream, n) of the event the fork continues from; StepNotFound for a step not started or not decided.
+
+    Index lookups (`EventLog.step_event`) along the parent's lineage, no scan: the cost is the same at any
+    log size."""
+    log = home.log
+    lineage = ranges(log, parent)
+    start = _first(log, lineage, "experiment.started", step + 1)
+    cut = (start[0], start[1] - 1) if start is not None else (parent, log.head(parent)[0])
+    prefix = lineage[:[s for s, _ in lineage].index(cut[0])] + [cut]
+    if _first(log, prefix, "experiment.started", step) is None:
         raise StepNotFound(f"run {parent} has no step {step}")
-    if not any(e.type == "experiment.decided" and e.data["step"] == step for e in prefix):
+    if _first(log, prefix, "experiment.decided", step) is None:
         raise StepNotFound(f"run {parent}: step {step} has not finished")
-    last = prefix[-1]
-    return last.stream, last.n
+    return cut
+
+
+def _first(log: EventLog, history: list[tuple[str, int | None]], type_: str, step: int) -> tuple[str, int] | None:
+    """The first `type_` event of `step` in a history given as (stream, last n) ranges, root first."""
+    for stream, until in history:
+        n = log.step_event(stream, type_, step, until)
+        if n is not None:
+            return stream, n
+    return None
 
 
 def fork_run(home: Home, parent_ref: str, step: int, *, name: str | None = None, agent: str | None = None,
              program: Path | None = None, experiments: int | None = None, window: str | None = None,
              seed: int | None = None, request: str | None = None) -> str:
     """Create the fork (validating everything first) and return its run id."""
-    from rloopd.agents.random_search import parse_agent
+    from rloopd.agents import check_agent
 
     parent = home.log.resolve(parent_ref)
     stream, n = fork_point(home, parent, step)
-    prefix = history(home.log, stream, until_n=n)
-    state = fold(prefix)
+    prefix = fold_history(home.log, stream, n)  # from the nearest snapshot: the same cost at any position
+    state = prefix.state
     created = dict(state.created)
     if agent is not None:
-        parse_agent(agent)
+        check_agent(agent)
     if experiments is not None and experiments < 0:
         raise LabConfigError(f"--experiments {experiments}: must be 0 or more")
     if name and any(e.data.get("name") == name for e in home.log.runs()):
@@ -74,10 +87,14 @@ def fork_run(home: Home, parent_ref: str, step: int, *, name: str | None = None,
     if program_blob is not None:  # the fork follows its own program file from now on
         events.append(NewEvent("program.changed", {"program_blob": program_blob, "source": "fork",
                                                    "path": str(program)}))
-    home.log.append(run, events, expected_n=0, prev=head)
+    FoldSnapshots(home.log).save_if_due(prefix, stream)  # a fold that read far leaves a snapshot for the next
+    stored = home.log.append(run, events, expected_n=0, prev=head)
+    prefix.add(stored)  # now the fork's own fold
     run_dir = home.run_dir(run)
     home.snapshots.restore(state.best_commit, run_dir / "workspace")
     materialize_frozen(run_dir, created["manifest"], home.blobs)
+    project_memory(run_dir, prefix.mem, home.blobs, prefix.results_tsv(created["metric"]))
+    ExperimentsTable(home.log).set_position(f"rundir:{run}", prefix.state.position)  # what replay compares
     return run
 
 

@@ -7,7 +7,8 @@ continues from, and every reader that folds a run folds this history.
 from __future__ import annotations
 
 from rloopd.log import Event, EventLog
-from rloopd.memory.state import RunState, fold
+from rloopd.memory.folded import fold_history
+from rloopd.memory.state import RunState
 
 
 def history(log: EventLog, run: str, until_n: int | None = None) -> list[Event]:
@@ -20,7 +21,13 @@ def history(log: EventLog, run: str, until_n: int | None = None) -> list[Event]:
 
 
 def run_state(log: EventLog, run: str, until_n: int | None = None) -> RunState:
-    return fold(history(log, run, until_n))
+    """The state the fold of the run's history gives, started from the nearest fold snapshot."""
+    return fold_history(log, run, until_n).state
+
+
+def ranges(log: EventLog, run: str) -> list[tuple[str, int | None]]:
+    """The history of `run` as (stream, last n in it) from the root: None for the run's own, to its end."""
+    return [(x["run"], x["n"]) for x in lineage(log, run)] + [(run, None)]
 
 
 def lineage(log: EventLog, run: str) -> list[dict]:

@@ -93,6 +93,24 @@ class Param(BaseModel):
         return isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value <= self.high
 
 
+class AgentConfig(BaseModel):
+    """`[agent]`: how command-line agents run their sessions (daemon/agents/cmd.py, daemon/sessions.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    spec: str | None = None  # the agent a plain `rloopd run` uses, e.g. "cmd:'./agent.sh {prompt_file}'"
+    prompt: str = "prompt.md"  # the session prompt's template, in the lab (a built-in one if absent)
+    env: dict[str, str] = {}  # added to each session's environment
+    session_timeout: float = Field(default=3600.0, gt=0)  # seconds one session may last
+    quiet_timeout: float | None = Field(default=None, gt=0)  # seconds without output before it is ended
+    grace: float = Field(default=10.0, ge=0)  # SIGTERM, then SIGKILL this many seconds later
+    empty_cap: int = Field(default=3, ge=1)  # sessions in a row without an experiment before the run ends
+    backoff: float = Field(default=2.0, ge=0)  # seconds before the next session after an empty one, doubling
+    max_output_mb: float = Field(default=16.0, gt=0)  # output kept per session (head and tail)
+    processes: int = Field(default=256, ge=8)  # session limits (RLIMITs, as the run's uid)
+    memory_mb: int = Field(default=8192, ge=64)
+    file_mb: int = Field(default=1024, ge=1)
+
+
 class Metric(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str = "val_bpb"
@@ -134,6 +152,7 @@ class Lab(BaseModel):
     source: str = "synthetic"
     memory_limit_mb: int | None = Field(default=None, gt=0)
     params: dict[str, Param] = {}
+    agent: AgentConfig = AgentConfig()
     _root: Path = PrivateAttr(default=Path("."))
 
     @field_validator("budget", mode="before")

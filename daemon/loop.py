@@ -14,22 +14,22 @@ import shutil
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from rloopd import runs
-from rloopd.agents import random_search
+from rloopd.agents import check_agent, random_search
 from rloopd.decide import decide
 from rloopd.errors import StaleRun
-from rloopd.history import history
 from rloopd.home import Home
 from rloopd.lab import set_constants
 from rloopd.log import Event, NewEvent
-from rloopd.memory import experiments as ex
-from rloopd.memory.experiments import ExperimentsTable, results_tsv
-from rloopd.memory.rundir import MemoryFiles, project_memory
-from rloopd.memory.state import RunState, fold, parse_at
+from rloopd.memory.experiments import ExperimentsTable
+from rloopd.memory.folded import FoldSnapshots, fold_history
+from rloopd.memory.rundir import project_memory
+from rloopd.memory.state import RunState, parse_at
 from rloopd.runner import Interrupted, Outcome, run_experiment
+from rloopd.sessions import SessionDriver
 
 OnEvent = Callable[[Event], None]
 SlotFactory = Callable[[], AbstractContextManager[dict[str, str]]]
@@ -68,35 +68,29 @@ class Loop:
         self.home, self.run_id, self.opts = home, run, opts or LoopOptions()
         self.stop = self.opts.stop or Stop()
         self.table = ExperimentsTable(home.log)
-        self.state = RunState()
-        self.mem = MemoryFiles()
-        self.rows: dict = {}  # the experiments of the run's whole history, folded (results.tsv)
-        self.metric_of: dict[str, str] = {}
+        self.snapshots = FoldSnapshots(home.log)
+        # The run's whole history folded (a fork's parent prefix too), from the nearest fold snapshot.
+        self.fold = fold_history(home.log, run)
         self.written: dict[str, str] = {}
-        first = next(home.log.read(run, until_n=0))
-        parent = first.data.get("parent")
-        if parent:  # a fork starts from its parent's prefix; its own stream then starts at n=0
-            self._fold(history(home.log, parent["run"], until_n=parent["n"]))
-            self.state = replace(self.state, position=-1)
         self.sync()
         self.created = self.state.created
         self.lab = runs.run_lab(home, self.state)
         self.run_dir = home.run_dir(run)
-        self.mode = random_search.parse_agent(self.created["agent"])
+        self.kind = check_agent(self.created["agent"])
+        self.mode = random_search.parse_agent(self.created["agent"]) if self.kind == "random" else None
+        self.sessions = SessionDriver(self) if self.kind == "cmd" else None
+
+    @property
+    def state(self) -> RunState:
+        return self.fold.state
 
     # --- events ----------------------------------------------------------------------------------
 
     def sync(self) -> list[Event]:
         """Fold events other writers appended to this run (a live program edit, a command)."""
         new = list(self.home.log.read(self.run_id, from_n=self.state.position + 1))
-        self._fold(new)
+        self.fold.add(new)
         return new
-
-    def _fold(self, events: list[Event]) -> None:
-        self.state = fold(events, self.state)
-        for e in events:
-            self.mem.apply(e)
-            ex.apply(self.rows, e, self.metric_of)
 
     def append(self, *new: NewEvent) -> list[Event]:
         for tries in range(5):  # another writer (the program watcher) may append between sync and append
@@ -107,7 +101,7 @@ class Loop:
             except StaleRun:
                 if tries == 4:
                     raise
-        self._fold(stored)
+        self.fold.add(stored)
         for e in stored:
             if self.opts.on_event:
                 self.opts.on_event(e)
@@ -121,8 +115,9 @@ class Loop:
         if window is None:
             return None
         used = self.state.active_seconds
-        if self.state.in_flight is not None and self.state.flight_started_at:
-            used += ((now or datetime.now(UTC)) - parse_at(self.state.flight_started_at)).total_seconds()
+        live = self.state.session_started_at or (self.state.in_flight is not None and self.state.flight_started_at)
+        if live:  # the session (or the experiment outside one) in progress
+            used += ((now or datetime.now(UTC)) - parse_at(live)).total_seconds()
         return window - used
 
     def run(self) -> RunState:
@@ -139,6 +134,8 @@ class Loop:
                     self.finish_run("experiment budget spent")
                 elif left is not None and left < max(budget, 1e-9):
                     self.finish_run("window")
+                elif self.sessions is not None and next_step >= 1 and retry is None:
+                    self.sessions.run_one()  # the agent's session submits the experiments
                 else:
                     self.experiment(next_step, attempt)
         except Interrupted:
@@ -149,7 +146,7 @@ class Loop:
 
     def expected_seconds(self) -> float:
         """What the next experiment will likely take: the budget, or the median so far if longer."""
-        walls = sorted(r["wall_seconds"] for r in self.rows.values() if r.get("wall_seconds"))
+        walls = sorted(r["wall_seconds"] for r in self.fold.rows.values() if r.get("wall_seconds"))
         median = walls[len(walls) // 2] if walls else 0.0
         return max(self.lab.budget_seconds or 0.0, median)
 
@@ -198,6 +195,10 @@ class Loop:
             commit = self.home.snapshots.commit(workspace, run=self.run_id, ref=f"s{step}-a{attempt}",
                                                 message=description, parent=self.state.best_commit)
         diff = self.home.snapshots.diff(self.state.best_commit if step else None, commit)
+        self.run_in_slot(step, attempt, commit, description, category, params, diff)
+
+    def run_in_slot(self, step: int, attempt: int, commit: str, description: str, category: str | None,
+                    params: dict, diff: str) -> None:
         with (self.opts.slot or _no_slot)() as env:
             if self.stop.is_set():
                 raise Interrupted("stopped while waiting for a slot")
@@ -260,12 +261,16 @@ class Loop:
         self.project()
 
     def project(self) -> None:
-        """Bring the experiments table and the run directory up to the log."""
+        """Bring the experiments table and the run directory up to the log; every `EVERY` events, store the
+        fold as a snapshot, so that a fork or a restart here folds only what came after it."""
         self.sync()
+        if self.sessions is not None and self.sessions.session is not None:
+            self.sessions.capture_memory(self.sessions.session)  # what the agent wrote, before it is re-projected
         self.table.catch_up()
-        rows = [r for _, r in sorted(self.rows.items(), key=lambda kv: (kv[0][1], kv[0][2]))]
-        project_memory(self.run_dir, self.mem, self.home.blobs, results_tsv(rows, self.created["metric"]), self.written)
+        project_memory(self.run_dir, self.fold.mem, self.home.blobs, self.fold.results_tsv(self.created["metric"]),
+                       self.written)
         self.table.set_position(f"rundir:{self.run_id}", self.state.position)  # what replay compares against
+        self.snapshots.save_if_due(self.fold, self.run_id)
 
 
 @contextmanager

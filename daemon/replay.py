@@ -1,9 +1,11 @@
 """Replay a run: rebuild every projection from its log and compare with the live ones; verify the rest.
 
-It reads the run's history (its parent's prefix included) in one read transaction, checks the hash chains
-of every stream it touches, every blob and commit the events name and the frozen manifest recorded at
+It reads the run's history (its parent's prefix included) in one read transaction and one pass: audit
+checks each event of every stream it touches (hash chain, canonical text, payload, blobs) and hands over
+those a projection folds. Then it checks every commit the events name and the frozen manifest recorded at
 creation, rebuilds the run state, the experiments table and the run directory's memory into a scratch
-location, and compares them with the live projections. It never calls an agent and never trains.
+location, and compares them with the live projections. It never reads fold snapshots (they are a cache of
+what it rebuilds), never calls an agent and never trains.
 """
 
 from __future__ import annotations
@@ -14,10 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rloopd import events as ev
 from rloopd.audit import audit
-from rloopd.history import history
+from rloopd.errors import RloopdError
+from rloopd.history import ranges
 from rloopd.home import Home
+from rloopd.log import Event
 from rloopd.memory import experiments as ex
+from rloopd.memory.folded import LAST
+from rloopd.memory.folded import TYPES as FOLDED
 from rloopd.memory.rundir import MemoryFiles, project_memory
 from rloopd.memory.state import fold
 
@@ -60,17 +67,33 @@ def _replay_once(home: Home, run: str) -> ReplayReport:
     conn = home.log.conn
     conn.execute("BEGIN")  # one read transaction: a consistent snapshot of the log
     try:
-        events = history(home.log, run)
-        streams = sorted({e.stream for e in events})
-        chain = audit(home.log, home.blobs, streams)
+        history = ranges(home.log, run)
+        until = {s: LAST if n is None else n for s, n in history}
+        events: list[Event] = []  # the history's events that a projection folds (the others only count)
+
+        def keep(stream: str, row: tuple, data: Any) -> None:  # one pass: each event verified, then kept
+            if data is not None and row[1] <= until[stream]:  # not past a fork position
+                seq, n, type_, v, at, _text, prev, hash_, id_ = row
+                known = ev.TYPES.get(type_)
+                if known is not None and v < known[0]:
+                    try:
+                        data = ev.upcast(type_, v, data)
+                    except RloopdError:
+                        pass  # audit names it
+                events.append(Event(seq, id_, stream, n, type_, v, at, data, prev, hash_))
+
+        chain = audit(home.log, home.blobs, [s for s, _ in history], visit=dict.fromkeys(FOLDED, keep))
+        for stream, last in until.items():
+            count, position = conn.execute("SELECT COUNT(*), MAX(n) FROM events WHERE stream = ? AND n <= ?",
+                                           (stream, last)).fetchone()
+            report.events += count
+            report.position = -1 if position is None else position
         table = ex.ExperimentsTable(home.log)
         live_rows = {(r["run"], r["step"], r["replica"]): r for r in table.rows(run)}
         table_seq = table.position()  # each live projection is compared as of its own position
         rundir_n = table.position_of(f"rundir:{run}")
     finally:
         conn.execute("COMMIT")
-    report.events = len(events)
-    report.position = events[-1].n if events else -1
     for p in chain.problems:
         report.add("event", p.what, stream=p.stream, n=p.n, seq=p.seq)
     state = fold(events)
@@ -99,9 +122,9 @@ def _replay_once(home: Home, run: str) -> ReplayReport:
 def check_commits(home: Home, events: list, report: ReplayReport) -> None:
     commits = {e.data["commit"]: e for e in events if e.type == "experiment.started"}
     commits.update({e.data["base_commit"]: e for e in events if e.type == "run.created" and e.data.get("base_commit")})
-    for commit, e in commits.items():
-        if not home.snapshots.exists(commit):
-            report.add("commit", f"commit {commit} is missing from the snapshot repository", stream=e.stream, n=e.n)
+    for commit in home.snapshots.missing(list(commits)):  # one git process for all of them
+        e = commits[commit]
+        report.add("commit", f"commit {commit} is missing from the snapshot repository", stream=e.stream, n=e.n)
 
 
 def check_manifest(home: Home, created: dict[str, Any], report: ReplayReport) -> None:

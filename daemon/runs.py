@@ -55,6 +55,8 @@ def build_manifest(home: Home, lab: Lab) -> list[dict[str, Any]]:
     """Every lab file with its sha256, stored as a blob (written and fsynced before run.created names it)."""
     files = [(f.path, "private" if f.private else f.role) for f in lab.manifest()]
     files += [(lab.program, "program"), ("rloop.toml", "other")]
+    if (lab.root / lab.agent.prompt).is_file() and lab.agent.prompt not in {f for f, _ in files}:
+        files.append((lab.agent.prompt, "other"))  # the session prompt's template, recorded like any lab file
     entries = []
     for rel, role in files:
         data = (lab.root / rel).read_bytes()
@@ -90,18 +92,24 @@ def parse_window(text: str) -> float:
     return seconds
 
 
-def create_run(home: Home, lab_dir: Path, *, agent: str, experiments: int | None, budget: str | None,
+def create_run(home: Home, lab_dir: Path, *, agent: str | None, experiments: int | None, budget: str | None,
                seed: int, name: str | None, sandbox: str = "auto", window: str | None = None,
                request: str | None = None) -> str:
     """Validate everything first, then append `run.created`; nothing is written on a bad argument."""
-    from rloopd.agents.random_search import parse_agent
+    from rloopd.agents import check_agent
 
     lab = load_lab(lab_dir)
     for word in lab.command:
         if "{lab}" in word and not Path(word.replace("{lab}", str(lab.root))).exists():
             raise LabConfigError(f"{lab.root / 'rloop.toml'}: command: {word.replace('{lab}', str(lab.root))} "
                                  "does not exist (the entry point)")
-    parse_agent(agent)
+    agent = agent or lab.agent.spec or "random"
+    if check_agent(agent) == "cmd":
+        from rloopd.agents.cmd import check_template
+
+        template = lab.root / lab.agent.prompt
+        if template.is_file():
+            check_template(template.read_text(), str(template))
     if budget is not None:
         lab = with_budget(lab, budget)
     if experiments is not None and experiments < 0:

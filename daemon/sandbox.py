@@ -135,11 +135,12 @@ def _limits(limits: SessionLimits) -> list[str]:
 
 
 def session_sandbox(uid: int | None, *, home: Path, run_dir: Path, session_dir: Path, kind: str = "auto",
-                    limits: SessionLimits = SessionLimits()) -> Sandbox:
+                    limits: SessionLimits = SessionLimits(), expose: tuple[Path, ...] = ()) -> Sandbox:
     """The prefix for an agent session (DESIGN section 7): the filesystem read-only except the run's
     `workspace/`, `memory/notes.md`, `memory/artifacts/` and `session_dir` (its HOME, its temporary
     directory and its socket to the daemon); of the home only its own run directory is visible; all
     capabilities dropped and, as root, the run's own uid; network kept (the agent calls its model).
+    `expose` lists files shown read-only although they sit in a hidden directory (the agent's own script).
     `kind` as for `training_sandbox`; without bubblewrap the uid switch and the limits still apply as root.
     """
     kind = resolve_kind(kind)
@@ -170,6 +171,12 @@ def session_sandbox(uid: int | None, *, home: Path, run_dir: Path, session_dir: 
         for k in sorted(keep):
             if _within(k, d) and k != d:
                 args += _reexpose(k, d)
+    for shown in expose:
+        shown = Path(shown).resolve()
+        for d in hidden:
+            if _within(shown, d) and not any(_within(shown, k) for k in keep):
+                args += _reexpose(shown, d)
+                break
     for writable in (run_dir / "workspace", run_dir / "memory" / "notes.md", run_dir / "memory" / "artifacts",
                      session_dir):
         args += ["--bind", str(writable), str(writable)]

@@ -31,6 +31,7 @@ from rloopd.log import Event, NewEvent
 from rloopd.loop import Loop, LoopOptions, Stop
 from rloopd.notify import notify, watchdog_interval
 from rloopd.slots import SlotPool
+from rloopd.transfer import imported_streams
 from rloopd.watch import ProgramWatcher
 
 log = structlog.get_logger("rloopd.daemon")
@@ -65,7 +66,9 @@ class Daemon:
         self.home = Home.open(self.home_path, synchronous=self.synchronous)
         self.lock.acquire("daemon")
         self.server = self.serve_socket()
-        recovered = [c.stream for c in self.home.log.runs() if run_state(self.home.log, c.stream).status == "running"]
+        foreign = imported_streams(self.home.log)  # imported runs are records of work done elsewhere
+        recovered = [c.stream for c in self.home.log.runs()
+                     if c.stream not in foreign and run_state(self.home.log, c.stream).status == "running"]
         self.home.log.append_one("home", "daemon.started", {
             "version": __version__, "pid": os.getpid(),
             "recovery": {"runs": recovered, "slots": self.pool.names}})
@@ -256,7 +259,7 @@ class Daemon:
             with Home.open(self.home_path, synchronous=self.synchronous) as home:
                 return {"ok": True, "result": handler(self, home, args, request)}
         except RloopdError as e:
-            return {"ok": False, "error": str(e)}
+            return {"ok": False, "error": str(e), "exit_code": e.exit_code}
         except Exception as e:  # a malformed request must get an answer, never a dropped connection
             log.warning("malformed request", op=op, error=f"{type(e).__name__}: {e}")
             return {"ok": False, "error": f"malformed {op} request: {type(e).__name__}: {e}"}

@@ -138,6 +138,42 @@ class Snapshots:
         except SnapshotError:
             return False
 
+    def missing(self, commits: list[str]) -> list[str]:
+        """The commits of `commits` that this repository does not hold (as commits), in one git call."""
+        if not commits:
+            return []
+        out = self._git("cat-file", "--batch-check", input="".join(f"{c}^{{commit}}\n" for c in commits).encode())
+        return [c for c, line in zip(commits, out.decode().splitlines(), strict=True) if line.split()[1:2] != ["commit"]]
+
+    def pin(self, refs: dict[str, str]) -> None:
+        """Point each ref name at its commit (refs keep commits from git's own garbage collection)."""
+        self._git("update-ref", "--stdin", input="".join(f"update {r} {c}\n" for r, c in refs.items()).encode())
+
+    def bundle(self, dest: Path, refs: dict[str, str]) -> None:
+        """Write a git bundle of `refs` (name -> commit) and everything they reach to `dest`.
+
+        The refs are made in a scratch repository that borrows this one's objects, so this repository is not
+        changed, not even for a moment, while a daemon may be committing to it.
+        """
+        with tempfile.TemporaryDirectory(prefix="rloopd-bundle-") as tmp:
+            scratch = Snapshots(Path(tmp))
+            (scratch.git_dir / "objects" / "info" / "alternates").write_text(f"{(self.git_dir / 'objects').absolute()}\n")
+            scratch.pin(refs)
+            scratch._git("bundle", "create", "--quiet", str(Path(dest).absolute()), "--all")
+
+    def unbundle(self, bundle: Path) -> None:
+        """Verify a bundle and fetch all of it under refs/bundle/ (on a scratch repository: git checks every
+        object's hash as it indexes the pack, so what is fetched from here later is what the bundle held)."""
+        self._git("bundle", "verify", "--quiet", str(Path(bundle).absolute()))
+        self._git("fetch", "--quiet", "--no-tags", "--no-write-fetch-head", str(Path(bundle).absolute()),
+                  "+refs/*:refs/bundle/*")
+
+    def fetch(self, source: Path, pattern: str) -> None:
+        """Fetch the refs matching `pattern` (e.g. `refs/rloopd/*`) from another repository on this machine,
+        under the same names; a ref that exists here with another commit is refused by git."""
+        self._git("fetch", "--quiet", "--no-tags", "--no-write-fetch-head", str(Path(source).absolute()),
+                  f"{pattern}:{pattern}")
+
     def tree_equal(self, commit: str, workspace: Path) -> bool:
         """Whether the workspace holds exactly the commit's files (for recovery checks)."""
         probe = self.commit(workspace, run="_probe", ref="last", message="probe")

@@ -117,12 +117,21 @@ def results_tsv(rows: list[dict[str, Any]], metric: str) -> str:
 
     Never the hidden test value: only the lab's own metric column is read from a row.
     """
-    lines = ["\t".join(["step", "commit", metric, "status", "accepted", "description"])]
+    return "\t".join(["step", "commit", metric, "status", "accepted", "description"]) + "\n" + results_lines(rows)
+
+
+def results_lines(rows: list[dict[str, Any]]) -> str:
+    """The lines of results.tsv below its header, one per proposal (replica 0), each ending in a newline.
+
+    A row's line depends on that row alone, so the text of rows in step order can be kept and joined
+    (fold snapshots keep it, so a fork writes results.tsv without parsing a row).
+    """
+    lines = []
     for r in rows:
         if r["replica"] != 0:
             continue
         value = "" if r["value"] is None else f"{r['value']:.6f}"
         accepted = {None: "", 1: "yes", 0: "no"}[r["accepted"]]
         desc = " ".join(str(r["description"] or "").split())
-        lines.append("\t".join([str(r["step"]), (r["commit"] or "")[:12], value, r["status"], accepted, desc]))
-    return "\n".join(lines) + "\n"
+        lines.append("\t".join([str(r["step"]), (r["commit"] or "")[:12], value, r["status"], accepted, desc]) + "\n")
+    return "".join(lines)

@@ -25,6 +25,8 @@ CHECKPOINT = "checkpoint.pt"
 class MemoryFiles:
     """The fold of `memory.written`, `checkpoint.saved` (accepted) and `program.changed` events."""
 
+    TYPES = frozenset({"run.created", "program.changed", "memory.written", "checkpoint.saved", "experiment.decided"})
+
     program_blob: str | None = None
     files: dict[str, str] = field(default_factory=dict)  # path inside memory/ -> blob
     checkpoint_blob: str | None = None

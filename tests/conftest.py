@@ -76,7 +76,7 @@ def sample_payloads(blob: str = SHA) -> dict[str, dict]:
         "run.archived": {"by": "cli"},
         "program.changed": {"program_blob": blob, "source": "live-edit"},
         "session.started": {"session": 1, "agent": "cmd:x", "program_blob": blob},
-        "session.ended": {"session": 1, "exit_code": 0, "reason": "agent-exit", "tokens_in": 10},
+        "session.ended": {"session": 1, "exit_code": 0, "reason": "agent-exit", "usage": {"input": 10}},
         "agent.acted": {"session": 1, "kind": "command", "summary": "ls", "detail_blob": blob},
         "experiment.submitted": {"session": 1, "message": "deeper", "ticket": "t1"},
         "experiment.started": {"step": 1, "commit": "abc", "description": "LR 1e-3", "params": {"LR": 1e-05}},
@@ -91,4 +91,5 @@ def sample_payloads(blob: str = SHA) -> dict[str, dict]:
         "daemon.started": {"version": "0.1.0", "pid": 1},
         "daemon.stopped": {"reason": "SIGTERM"},
         "blobs.collected": {"removed": [], "rule": "keep best and last 3"},
+        "run.imported": {"run": "r1", "archive": "r1.rloop", "sha256": SHA, "streams": {"r1": SHA}, "events": 4},
     }

@@ -6,9 +6,13 @@ import json
 import sqlite3
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from rloopd import events as ev
 from rloopd.audit import audit
-from rloopd.log import NewEvent, canonical_event, chain_hash
+from rloopd.errors import PayloadInvalid
+from rloopd.log import NewEvent, canonical_event, canonical_json, chain_hash
 
 from .conftest import rloopd, sample_payloads
 
@@ -120,3 +124,56 @@ def test_audit_prints_head_hashes(filled, home_dir):
     proc = rloopd("audit", home=home_dir, check=True)
     head = filled.log.head("run-1")[1]
     assert f"head {head}" in proc.stdout and "ok" in proc.stdout
+
+
+@pytest.mark.parametrize("batch", [1, 2, 512])
+def test_a_payload_its_model_refuses_is_named_in_place(filled, monkeypatch, batch):
+    """Payloads are checked a batch at a time; one its model refuses (hashed consistently) is still named at
+    its event, before that event's blob problem and after the problems of the events before it."""
+    from rloopd import audit as audit_module
+
+    monkeypatch.setattr(audit_module._Payloads, "BATCH", batch)
+    conn = filled.log.conn
+    drop_triggers(conn)
+    rows = conn.execute("SELECT seq, n, type, v, at, data FROM events WHERE stream = 'run-1' ORDER BY n").fetchall()
+    link = ""
+    for seq, n, type_, v, at, data in rows:
+        if type_ in ("session.started", "agent.acted"):  # a blob that is not there; for the act, a bad kind too
+            payload = json.loads(data)
+            if type_ == "session.started":
+                payload["program_blob"] = "d" * 64
+            else:
+                payload.update(detail_blob="e" * 64, kind="dance")
+            data = canonical_json(payload)
+        h = chain_hash(link, canonical_event("run-1", n, type_, v, at, data))
+        conn.execute("UPDATE events SET data = ?, prev = ?, hash = ? WHERE seq = ?", (data, link, h, seq))
+        link = h
+    acted = conn.execute("SELECT n FROM events WHERE stream = 'run-1' AND type = 'agent.acted'").fetchone()[0]
+    problems = [(p.n, p.what.split()[0]) for p in audit(filled.log, filled.blobs).problems]
+    assert problems == [(acted - 2, "blob"), (acted, "invalid"), (acted, "blob")], problems
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                    max_leaves=5)
+
+
+@settings(max_examples=300, deadline=None)
+@given(type_=st.sampled_from(sorted(sample_payloads())), change=st.sampled_from(["drop", "add", "set"]),
+       index=st.integers(0, 50), value=JSON)
+def test_batched_payload_checks_agree_with_the_models(type_, change, index, value):
+    """Audit checks payloads a batch at a time through `all_valid`; it accepts exactly what the models do."""
+    payload = dict(sample_payloads()[type_])
+    keys = sorted(ev.TYPES[type_][1].model_fields)
+    key = keys[index % len(keys)]
+    if change == "drop":
+        payload.pop(key, None)
+    else:
+        payload["unknown" if change == "add" else key] = value
+    try:
+        ev.decode(type_, ev.current_version(type_), payload)
+        valid = True
+    except PayloadInvalid:
+        valid = False
+    assert ev.all_valid(type_, [payload]) == valid
+    assert ev.all_valid(type_, [sample_payloads()[type_], payload, sample_payloads()[type_]]) == valid

@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rloopd import events as ev
+from rloopd.audit import audit
 from rloopd.errors import LogCorrupt, PayloadInvalid, StaleRun, StreamNotFound, UnknownEventType
-from rloopd.log import EventLog, NewEvent, canonical_event, canonical_json, chain_hash
+from rloopd.log import EventLog, NewEvent, canonical_event, canonical_json, chain_hash, event_hash, parse_json
 
 from .conftest import sample_payloads
 
@@ -50,6 +51,27 @@ def test_fast_canonical_equals_full_serialization(stream, n, type_, data):
     at = "2026-11-26T21:48:16.123456Z"
     full = canonical_json({"stream": stream, "n": n, "type": type_, "v": 1, "at": at, "data": data})
     assert canonical_event(stream, n, type_, 1, at, canonical_json(data)) == full
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=64), st.text(min_size=1), st.integers(0, 10**9), st.text(),
+       st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+                    | st.text(), lambda c: st.lists(c) | st.dictionaries(st.text(), c), max_leaves=10))
+def test_the_fast_paths_audit_takes_equal_the_plain_ones(prev, stream, n, type_, data):
+    """canonical_json (a prebuilt C encoder), parse_json (pydantic-core's parser) and event_hash (one step)
+    give what json.dumps, json.loads and chain_hash(canonical_event) give."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert canonical_json(data) == text
+    back = parse_json(text)
+    assert back == json.loads(text) and canonical_json(back) == text
+    at = "2026-11-26T21:48:16.123456Z"
+    assert event_hash(prev, stream, n, type_, 2, at, text) == chain_hash(prev, canonical_event(stream, n, type_, 2, at, text))
+
+
+def test_parse_json_falls_back_to_json_loads():
+    assert parse_json('"\\ud800"') == json.loads('"\\ud800"')  # pydantic-core refuses a lone surrogate
+    with pytest.raises(json.JSONDecodeError):
+        parse_json('{"a": 1')
 
 
 def test_stale_n_conflict_appends_nothing(home):
@@ -145,9 +167,27 @@ def test_upcaster_path(home, monkeypatch):
     monkeypatch.setitem(ev.TYPES, "run.warned", (2, ev.RunWarned))
     monkeypatch.setitem(ev.UPCASTERS, ("run.warned", 1), lambda d: {**d, "message": d["message"] + " (v2)"})
     [e] = home.log.read("s")
-    assert e.v == 1 and e.payload().message == "old (v2)"
+    assert e.v == 1 and e.data["message"] == "old (v2)"  # readers fold today's shape; v says what was stored
+    assert e.payload().message == "old (v2)"  # upcast once, not again
     with pytest.raises(UnknownEventType, match="newer than this rloopd"):
         ev.decode("run.warned", 3, e.data)
+    assert audit(home.log, home.blobs).ok  # the chain is over the stored v1 bytes
+
+
+def test_session_ended_v1_reads_as_v2(home):
+    """The real upcaster: session.ended v1 (tokens_in/tokens_out) is read as v2 (`usage`)."""
+    data = canonical_json({"session": 1, "reason": "agent-exit", "tokens_in": 1200, "tokens_out": 80})
+    at = "2026-01-01T00:00:00.000000Z"
+    digest = chain_hash("", canonical_event("s", 0, "session.ended", 1, at, data))
+    home.log.conn.execute("INSERT INTO events (id, stream, n, type, v, at, data, prev, hash) "
+                          "VALUES ('x1', 's', 0, 'session.ended', 1, ?, ?, '', ?)", (at, data, digest))
+    [e] = home.log.read("s")
+    assert e.v == 1 and e.data == {"session": 1, "reason": "agent-exit", "usage": {"input": 1200, "output": 80}}
+    assert e.payload().usage == {"input": 1200, "output": 80}
+    assert audit(home.log, home.blobs).ok
+    assert "tokens_in" in json.loads(home.log.conn.execute("SELECT data FROM events").fetchone()[0])
+    stored_v2 = home.log.append_one("s", "session.ended", {"session": 2, "reason": "window", "usage": {"input": 5}})
+    assert stored_v2.v == 2
 
 
 def _appender(path: str, stream: str, count: int, start) -> None:

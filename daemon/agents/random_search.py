@@ -31,7 +31,7 @@ def parse_agent(spec: str) -> str:
         return "one"
     if spec == "random:all":
         return "all"
-    raise LabConfigError(f"--agent {spec!r}: this version knows 'random' and 'random:all'")
+    raise LabConfigError(f"--agent {spec!r}: this version knows 'random', 'random:all' and cmd:'COMMAND ...'")
 
 
 def current_constants(source: str) -> dict[str, Any]:

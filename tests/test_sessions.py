@@ -1,0 +1,289 @@
+"""Session mode end to end with small shell-script agents: real sessions, real submits, the instant lab."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rloopd import runs
+from rloopd.history import run_state
+from rloopd.loop import Loop
+
+from .conftest import rloopd
+from .daemon_helpers import Served, make_lab, wait_for
+
+SECRET = "Zq9-planted-service-token-Zq9"
+
+
+def lab_with_agent(tmp_path: Path, script: str, agent_toml: str = "", **constants) -> Path:
+    lab = make_lab(tmp_path, **constants)
+    agent = lab / "agent.sh"
+    agent.write_text("#!/bin/sh\nset -u\n" + script)
+    agent.chmod(0o755)
+    with open(lab / "rloop.toml", "a") as f:
+        f.write("\n[agent]\nbackoff = 0\ngrace = 1\n" + agent_toml)
+    return lab
+
+
+def start(home, lab: Path, n: int = 4, window: str | None = None, sandbox: str = "auto") -> str:
+    return runs.create_run(home, lab, agent=f"cmd:{lab / 'agent.sh'} {{prompt_file}}", experiments=n, budget=None,
+                           seed=0, name=None, sandbox=sandbox, window=window)
+
+
+def events(home, run, type_):
+    return [e.data for e in home.log.read(run, types=[type_])]
+
+
+def test_sessions_submit_carry_notes_and_restart(home, tmp_path):
+    lab = lab_with_agent(tmp_path, """
+case "$RLOOPD_SESSION" in
+1)  sed -i 's/^DEPTH = .*/DEPTH = 3/' workspace/train.py
+    rloopd submit -m "depth 3: more capacity" || exit 9
+    sed -i 's/^DEPTH = .*/DEPTH = 5/' workspace/train.py
+    rloopd submit -m "depth 5" || exit 9
+    echo "session 1 tried depth 3 and 5" >> memory/notes.md
+    echo "a table" > memory/artifacts/table.txt ;;
+*)  grep -q "session 1 tried depth 3 and 5" "$1" && echo "the prompt carries my notes"
+    sed -i "s/^WIDTH = .*/WIDTH = $((RLOOPD_SESSION * 32))/" workspace/train.py ;;
+esac
+""")
+    run = start(home, lab, n=4)
+    state = Loop(home, run).run()
+    assert state.status == "finished" and state.step == 4
+    submitted = events(home, run, "experiment.submitted")
+    assert [s["message"] for s in submitted[:2]] == ["depth 3: more capacity", "depth 5"]
+    assert [s["session"] for s in submitted] == [1, 1, 2, 3]
+    assert submitted[2]["message"] == "changes left in the workspace at the end of session 2"  # submitted for it
+    started = events(home, run, "session.started")
+    ended = events(home, run, "session.ended")
+    assert len(started) == len(ended) == 3 and all(e["reason"] == "agent-exit" for e in ended)
+    assert state.sessions == 3 and state.restarts == 2
+    assert b"the prompt carries my notes" in home.blobs.get(ended[1]["output_blob"])
+    written = {w["path"]: w for w in events(home, run, "memory.written")}
+    assert written["notes.md"]["session"] == 1 and "artifacts/table.txt" in written
+    assert (home.run_dir(run) / "memory" / "artifacts" / "table.txt").read_text() == "a table\n"
+    assert rloopd("replay", run, home=home.path).returncode == 0
+    assert rloopd("audit", home=home.path).returncode == 0
+
+
+def test_an_agent_that_does_nothing_hits_the_empty_cap(home, tmp_path):
+    lab = lab_with_agent(tmp_path, "echo nothing to do\n", "empty_cap = 2\n")
+    run = start(home, lab)
+    state = Loop(home, run).run()
+    assert state.status == "finished" and state.sessions == 2 and state.step == 0
+    assert events(home, run, "run.finished")[-1]["reason"] == "empty-cap"
+
+
+def test_a_missing_agent_command_is_recorded_and_the_run_ends_cleanly(home, tmp_path):
+    lab = lab_with_agent(tmp_path, "", "empty_cap = 2\n")
+    run = runs.create_run(home, lab, agent="cmd:/no/such/agent {prompt_file}", experiments=2, budget=None,
+                          seed=0, name=None)
+    state = Loop(home, run).run()
+    ended = events(home, run, "session.ended")
+    assert state.status == "finished" and [e["reason"] for e in ended] == ["error", "error"]
+    assert b"cannot start '/no/such/agent'" in home.blobs.get(ended[0]["output_blob"])
+
+
+def test_one_experiment_at_a_time_and_result_waits(home, tmp_path):
+    lab = lab_with_agent(tmp_path, """
+sed -i 's/^DEPTH = .*/DEPTH = 2/' workspace/train.py
+rloopd submit -m first --no-wait
+rloopd submit -m second; echo "second exit $?"
+rloopd result; echo "result exit $?"
+exit 0
+""", "empty_cap = 1\n", SLEEP=2)
+    run = start(home, lab, n=2)
+    Loop(home, run).run()
+    out = home.blobs.get(events(home, run, "session.ended")[0]["output_blob"]).decode()
+    assert "ticket" in out and "already running" in out and "second exit 2" in out
+    assert "step 1: ok" in out and "result exit 0" in out
+
+
+def test_changes_outside_the_editable_files_are_reverted_and_recorded(home, tmp_path):
+    lab = lab_with_agent(tmp_path, """
+echo "planted" > workspace/data.bin
+sed -i 's/^DEPTH = .*/DEPTH = 4/' workspace/train.py
+rloopd submit -m "depth 4 and a data file"
+echo "# owned" >> frozen/experiment.py 2>/dev/null
+echo "new rules" > program.md 2>/dev/null
+exit 0
+""", "empty_cap = 1\n")
+    run = start(home, lab, n=1, sandbox="none")
+    Loop(home, run).run()
+    [first, *rest] = events(home, run, "integrity.violated")
+    assert first["paths"] == ["workspace/data.bin"] and first["step"] == 1
+    assert not (home.run_dir(run) / "workspace" / "data.bin").exists()
+    if rest:  # without bubblewrap the agent could write these; they are put back and recorded
+        assert set(rest[0]["paths"]) <= {"frozen/experiment.py", "program.md"}
+    assert "owned" not in (home.run_dir(run) / "frozen" / "experiment.py").read_text()
+    assert (home.run_dir(run) / "program.md").read_text() != "new rules\n"
+    commit = events(home, run, "experiment.started")[-1]["commit"]
+    assert "data.bin" not in home.snapshots._git("ls-tree", "-r", "--name-only", commit).decode()
+
+
+def test_secrets_are_found_nowhere_in_the_home(home, tmp_path, monkeypatch):
+    monkeypatch.setenv("SERVICE_TOKEN", SECRET)  # as the daemon's environment file would give it
+    lab = lab_with_agent(tmp_path, """
+echo "my token is $SERVICE_TOKEN"
+echo "token: $SERVICE_TOKEN" >> memory/notes.md
+echo "sk-ant-api03-abcdefghijklmnopqrstuvwxyz0123" > memory/artifacts/found-a-key.txt
+sed -i 's/^DEPTH = .*/DEPTH = 2/' workspace/train.py
+rloopd submit -m "depth 2 (token $SERVICE_TOKEN)"
+exit 0
+""", "empty_cap = 1\n")
+    run = start(home, lab, n=1)
+    Loop(home, run).run()
+    assert events(home, run, "experiment.submitted")[0]["message"] == "depth 2 (token [REDACTED:SERVICE_TOKEN])"
+    home.log.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    for needle in (SECRET, "abcdefghijklmnopqrstuvwxyz0123"):
+        found = subprocess.run(["grep", "-r", "-l", "--binary-files=text", needle, str(home.path)],
+                               capture_output=True, text=True)
+        assert found.stdout == "", (needle, found.stdout)
+    ended = events(home, run, "session.ended")[0]
+    assert b"my token is [REDACTED:SERVICE_TOKEN]" in home.blobs.get(ended["output_blob"])
+
+
+def test_the_window_closes_on_a_live_session(home, tmp_path):
+    lab = lab_with_agent(tmp_path, """
+sed -i 's/^DEPTH = .*/DEPTH = 2/' workspace/train.py
+rloopd submit -m "depth 2"
+sleep 60
+""")
+    run = start(home, lab, n=10, window="3s")
+    state = Loop(home, run).run()
+    [ended] = events(home, run, "session.ended")
+    assert ended["reason"] == "window" and state.status == "finished" and state.restarts == 0
+    assert events(home, run, "run.finished")[-1]["reason"] == "window"
+
+
+def test_pause_ends_the_session_and_resume_starts_another_through_the_daemon(home_dir, tmp_path):
+    lab = lab_with_agent(tmp_path, """
+i=0
+while :; do
+  i=$((i+1)); sed -i "s/^DEPTH = .*/DEPTH = $((i % 6 + 1))/" workspace/train.py
+  rloopd submit -m "depth $i" >/dev/null || sleep 0.2
+done
+""")
+    served = Served(home_dir).start()
+    try:
+        spec = f"cmd:{lab / 'agent.sh'} {{prompt_file}}"
+        run = json.loads(rloopd("run", "--lab", str(lab), "--agent", spec, "-n", "40", "--detach", "--json",
+                                home=home_dir, check=True).stdout)["run_id"]
+        wait_for(lambda: run_state_at(home_dir, run).step >= 2, what="two submits")
+        assert json.loads(rloopd("pause", run, "--json", home=home_dir, check=True).stdout)["status"] == "paused"
+        rloopd("resume", run, home=home_dir, check=True)
+        wait_for(lambda: run_state_at(home_dir, run).sessions >= 2 and run_state_at(home_dir, run).step >= 4,
+                 what="a second session")
+        rloopd("stop", run, home=home_dir, check=True)
+    finally:
+        served.close()
+    from rloopd.home import Home
+
+    with Home.open(home_dir) as h:
+        reasons = [e["reason"] for e in events(h, run, "session.ended")]
+        assert reasons[0] == "paused" and reasons[-1] == "stopped" and run_state(h.log, run).restarts == 0
+    assert rloopd("replay", run, home=home_dir).returncode == 0
+
+
+def run_state_at(home_dir: Path, run: str):
+    from rloopd.home import Home
+
+    with Home.open(home_dir) as h:
+        return run_state(h.log, run)
+
+
+@pytest.mark.parametrize("template, words", [("Hello {history}", "unknown placeholder {history}")])
+def test_a_bad_prompt_template_stops_the_run_before_it_starts(home, tmp_path, template, words):
+    lab = lab_with_agent(tmp_path, "exit 0\n")
+    (lab / "prompt.md").write_text(template)
+    proc = rloopd("run", "--lab", str(lab), "--agent", "cmd:./agent.sh", home=home.path)
+    assert proc.returncode == 2 and words in proc.stderr and "prompt.md" in proc.stderr
+    assert not list(home.log.runs())
+
+
+def test_submit_from_outside_a_session_is_refused():
+    env = {k: v for k, v in os.environ.items() if k != "RLOOPD_SOCKET"}
+    proc = subprocess.run([sys.executable, "-m", "rloopd", "submit", "-m", "x"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and "RLOOPD_SOCKET is not set" in proc.stderr
+
+
+ESCAPES = r"""
+import json, os, socket, subprocess
+home = os.environ["ESCAPE_HOME"]
+out = {}
+def attempt(name, fn):
+    try:
+        fn(); out[name] = "ESCAPED"
+    except Exception as e:
+        out[name] = f"{type(e).__name__}: {e}"[:120]
+attempt("edit frozen/", lambda: open("frozen/experiment.py", "a").write("# owned"))
+attempt("read events.db", lambda: open(home + "/events.db", "rb").read(10))
+attempt("list blobs", lambda: os.listdir(home + "/blobs"))
+attempt("read another run", lambda: os.listdir(home + "/runs/" + os.environ["OTHER_RUN"]))
+attempt("write outside the workspace", lambda: open("program.md", "w").write("new rules"))
+attempt("write results.tsv", lambda: open("memory/results.tsv", "w").write("forged"))
+attempt("chmod frozen/", lambda: os.chmod("frozen/experiment.py", 0o666))
+attempt("remount /", lambda: subprocess.run(["mount", "-o", "remount,rw", "/"], check=True, capture_output=True))
+def other_socket():
+    s = socket.socket(socket.AF_UNIX); s.connect(home + "/sessions/" + os.environ["OTHER_RUN"] + "/rloopd.sock")
+attempt("connect to another run's socket", other_socket)
+kids = []
+def bomb():
+    while True:
+        kids.append(subprocess.Popen(["sleep", "30"]))
+attempt("fork bomb", bomb)
+for k in kids:
+    k.kill()
+out["forked before the limit"] = len(kids)
+attempt("allocate all memory", lambda: bytearray(64 << 30))
+print("ESCAPES " + json.dumps(out))
+"""
+
+
+def test_escapes_fail_and_are_recorded(home, tmp_path, monkeypatch):
+    from .conftest import need_root, need_tool
+
+    need_tool("bwrap")
+    need_root()
+    from rloopd.runsocket import RunSocket
+
+    other = start(home, lab_with_agent(tmp_path / "o", "exit 0\n"), n=0)
+    (home.path / "sessions" / other).mkdir(parents=True)
+    other_sock = RunSocket(home.path / "sessions" / other / "rloopd.sock", {"submit": lambda a: {"hijacked": True}})
+    monkeypatch.setenv("ESCAPE_HOME", str(home.path))
+    monkeypatch.setenv("OTHER_RUN", other)
+    lab = lab_with_agent(tmp_path, "", "empty_cap = 1\nprocesses = 64\nmemory_mb = 1024\n")
+    (lab / "agent.sh").write_text(f"#!{sys.executable}\n{ESCAPES}")  # the agent is the escape script itself
+    run = start(home, lab, n=1)
+    try:
+        Loop(home, run).run()
+    finally:
+        other_sock.close()
+    [ended] = events(home, run, "session.ended")
+    output = home.blobs.get(ended["output_blob"]).decode()
+    line = next(x for x in output.splitlines() if x.startswith("ESCAPES "))
+    results = json.loads(line.removeprefix("ESCAPES "))
+    escaped = [name for name, how in results.items() if how == "ESCAPED"]
+    assert escaped == [], results
+    assert results["forked before the limit"] < 64
+    assert "owned" not in (home.run_dir(run) / "frozen" / "experiment.py").read_text()
+    assert (home.run_dir(run) / "program.md").read_text() != "new rules"
+    assert not events(home, run, "integrity.violated")  # nothing got through, so nothing had to be reverted
+
+
+def test_the_labs_agent_spec_is_the_default(home, tmp_path):
+    lab = lab_with_agent(tmp_path, """
+sed -i 's/^DEPTH = .*/DEPTH = 2/' workspace/train.py
+exit 0
+""", 'empty_cap = 1\nspec = "cmd:./agent.sh {prompt_file}"\n')
+    proc = rloopd("run", "--lab", str(lab), "-n", "1", "--json", home=home.path)
+    assert proc.returncode == 0, proc.stderr
+    run = json.loads(proc.stdout.splitlines()[-1])["run_id"]
+    assert next(home.log.read(run)).data["agent"] == "cmd:./agent.sh {prompt_file}"
+    assert [s["message"] for s in events(home, run, "experiment.submitted")] == [
+        "changes left in the workspace at the end of session 1"]
