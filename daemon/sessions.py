@@ -252,9 +252,14 @@ class SessionDriver:
         workspace = loop.run_dir / "workspace"
         commit = self.home.snapshots.commit(workspace, run=self.run_id, ref=f"s{step}-a0",
                                             message=self.redactor.redact_text(message), parent=loop.state.best_commit)
-        loop.append(NewEvent("experiment.submitted", {"session": n or 0, "message": self.redactor.redact_text(message),
-                                                      "ticket": ticket}))
-        diff = self.home.snapshots.diff(loop.state.best_commit, commit)
+        diff = self.redactor.redact_text(self.home.snapshots.diff(loop.state.best_commit, commit))
+        acts = [NewEvent("agent.acted", {"session": n or 0, "kind": "edit", "summary": summary,
+                                         "detail_blob": self.home.blobs.put_text(diff)})
+                for summary in diff_summaries(diff)]
+        acts.append(NewEvent("agent.acted", {"session": n or 0, "kind": "command",
+                                             "summary": f"rloopd submit -m {self.redactor.redact_text(message)!r}"}))
+        loop.append(*acts, NewEvent("experiment.submitted", {"session": n or 0, "ticket": ticket,
+                                                             "message": self.redactor.redact_text(message)}))
         try:
             loop.run_in_slot(step, 0, commit, self.redactor.redact_text(message), None, {}, diff)
         finally:
@@ -297,7 +302,10 @@ class SessionDriver:
             data = self.redactor.redact(path.read_bytes())
             digest = hashlib.sha256(data).hexdigest()
             if known.get(rel) != digest and not (rel == "notes.md" and rel not in known and not data):
-                events.append(NewEvent("memory.written", {"path": rel, "blob": self.home.blobs.put(data), "session": n}))
+                blob = self.home.blobs.put(data)
+                events.append(NewEvent("memory.written", {"path": rel, "blob": blob, "session": n}))
+                events.append(NewEvent("agent.acted", {"session": n or 0, "kind": "edit", "detail_blob": blob,
+                                                       "summary": f"memory/{rel}: {len(data)} bytes"}))
         for rel in sorted(set(known) - set(found)):
             if rel.startswith("artifacts/"):
                 events.append(NewEvent("memory.written", {"path": rel, "blob": None, "session": n}))
@@ -363,6 +371,19 @@ class SessionDriver:
         loop.project()
         loop.append(NewEvent("integrity.violated", {"step": None, "paths": bad, "reverted": True,
                                                     "found": f"session {n} changed files it may only read"}))
+
+
+def diff_summaries(diff: str) -> list[str]:
+    """`workspace/train.py: +3 -1` for each file a unified diff touches."""
+    out: list[list] = []
+    for line in diff.splitlines():
+        if line.startswith("diff --git "):
+            out.append([line.split(" b/", 1)[-1], 0, 0])
+        elif out and line.startswith("+") and not line.startswith("+++"):
+            out[-1][1] += 1
+        elif out and line.startswith("-") and not line.startswith("---"):
+            out[-1][2] += 1
+    return [f"workspace/{name}: +{plus} -{minus}" for name, plus, minus in out]
 
 
 def _files(root: Path) -> list[str]:

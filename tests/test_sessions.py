@@ -67,6 +67,11 @@ esac
     written = {w["path"]: w for w in events(home, run, "memory.written")}
     assert written["notes.md"]["session"] == 1 and "artifacts/table.txt" in written
     assert (home.run_dir(run) / "memory" / "artifacts" / "table.txt").read_text() == "a table\n"
+    acted = [json.loads(x)["data"] for x in rloopd("log", run, "--type", "agent.acted", "--json",
+                                                    home=home.path).stdout.splitlines()]
+    summaries = [a["summary"] for a in acted]
+    assert summaries[:2] == ["workspace/train.py: +1 -1", "rloopd submit -m 'depth 3: more capacity'"]
+    assert "memory/notes.md: 30 bytes" in summaries and all(a["session"] in (1, 2, 3) for a in acted)
     assert rloopd("replay", run, home=home.path).returncode == 0
     assert rloopd("audit", home=home.path).returncode == 0
 
@@ -287,3 +292,19 @@ exit 0
     assert next(home.log.read(run)).data["agent"] == "cmd:./agent.sh {prompt_file}"
     assert [s["message"] for s in events(home, run, "experiment.submitted")] == [
         "changes left in the workspace at the end of session 1"]
+
+
+def test_a_silent_agent_and_a_flooding_one_are_ended_with_a_readable_reason(home, tmp_path):
+    lab = lab_with_agent(tmp_path / "quiet", "echo starting; sleep 60\n", "empty_cap = 1\nquiet_timeout = 1\n")
+    run = start(home, lab)
+    Loop(home, run).run()
+    [ended] = events(home, run, "session.ended")
+    assert ended["reason"] == "timeout" and b"no output for 1 s" in home.blobs.get(ended["output_blob"])
+    lab = lab_with_agent(tmp_path / "flood", "head -c 30000000 /dev/zero | tr '\\\\0' y; exit 0\n",
+                         "empty_cap = 1\nmax_output_mb = 1\n")
+    run = start(home, lab)
+    state = Loop(home, run).run()
+    [ended] = events(home, run, "session.ended")
+    kept = home.blobs.get(ended["output_blob"])
+    assert ended["reason"] == "agent-exit" and len(kept) < 1.1e6 and b"bytes of output not kept" in kept
+    assert state.status == "finished"
