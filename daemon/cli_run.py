@@ -188,6 +188,10 @@ def status_cmd(
         emit_json(rows)
     else:
         out.print(views.status_table(rows))
+        for r in rows:
+            for warning in dict.fromkeys(r["warnings"]):
+                out.print(f"[yellow]warning:[/] run {r['run_id']} ({r['name']}): {warning}", markup=True,
+                          highlight=False, soft_wrap=True)
 
 
 @app.command("show")

@@ -91,7 +91,9 @@ def status_rows(h: Home, archived: bool = False) -> list[dict[str, Any]]:
         rows.append({"run_id": st.run, "name": st.name, "status": st.status, "agent": created.data["agent"],
                      "parent": None if not parent else {"run": parent["run"], "step": parent["step"]},
                      "step": st.step, "experiments": st.experiments, "accepted": st.accepted,
-                     "metric": st.metric, "best": st.best, "best_step": st.best_step, "created": created.at})
+                     "metric": st.metric, "best": st.best, "best_step": st.best_step, "created": created.at,
+                     "sandbox": created.data.get("sandbox"),
+                     "warnings": [e.data["message"] for e in h.log.read(created.stream, types=["run.warned"])]})
     return rows
 
 
