@@ -160,6 +160,7 @@ def session_sandbox(uid: int | None, *, home: Path, run_dir: Path, session_dir: 
     args += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
     run_dir, session_dir = Path(run_dir).resolve(), Path(session_dir).resolve()
     keep = {Path(p).resolve() for p in (sys.prefix, sys.base_prefix, Path(sys.executable).resolve().parent.parent)}
+    keep |= _package_dirs()  # `rloopd submit` imports rloopd, which an editable install keeps in a checkout
     keep.add(run_dir)
     keep.add(session_dir)
     hidden = sorted({Path(d).resolve() for d in [home, Path.home(), Path("/tmp")] if Path(d).exists()},
@@ -182,6 +183,13 @@ def session_sandbox(uid: int | None, *, home: Path, run_dir: Path, session_dir: 
         args += ["--bind", str(writable), str(writable)]
     args += ["--chdir", str(run_dir), "--"]
     return Sandbox("bwrap", args + tail, uid)
+
+
+def _package_dirs() -> set[Path]:
+    import rloopd
+    import rloopd.memory
+
+    return {Path(rloopd.__file__).resolve().parent, Path(rloopd.memory.__file__).resolve().parent}
 
 
 def give_to(uid: int | None, *paths: Path) -> None:
