@@ -35,6 +35,18 @@ def start(home, lab: Path, n: int = 4, window: str | None = None, sandbox: str =
                            seed=0, name=None, sandbox=sandbox, window=window)
 
 
+def through_daemon(home, lab: Path, *args: str) -> str:
+    """Run the lab's agent through a real `rloopd serve`, following it with `rloopd run` until it ends."""
+    served = Served(home.path).start()
+    try:
+        proc = rloopd("run", "--lab", str(lab), "--agent", f"cmd:{lab / 'agent.sh'} {{prompt_file}}", *args,
+                      "--json", home=home.path)
+        assert proc.returncode == 0, proc.stderr + served.output()
+    finally:
+        served.close()
+    return json.loads(proc.stdout.splitlines()[-1])["run_id"]
+
+
 def events(home, run, type_):
     return [e.data for e in home.log.read(run, types=[type_])]
 
@@ -52,8 +64,8 @@ case "$RLOOPD_SESSION" in
     sed -i "s/^WIDTH = .*/WIDTH = $((RLOOPD_SESSION * 32))/" workspace/train.py ;;
 esac
 """)
-    run = start(home, lab, n=4)
-    state = Loop(home, run).run()
+    run = through_daemon(home, lab, "-n", "4")
+    state = run_state(home.log, run)
     assert state.status == "finished" and state.step == 4
     submitted = events(home, run, "experiment.submitted")
     assert [s["message"] for s in submitted[:2]] == ["depth 3: more capacity", "depth 5"]
@@ -78,8 +90,8 @@ esac
 
 def test_an_agent_that_does_nothing_hits_the_empty_cap(home, tmp_path):
     lab = lab_with_agent(tmp_path, "echo nothing to do\n", "empty_cap = 2\n")
-    run = start(home, lab)
-    state = Loop(home, run).run()
+    run = through_daemon(home, lab, "-n", "4")
+    state = run_state(home.log, run)
     assert state.status == "finished" and state.sessions == 2 and state.step == 0
     assert events(home, run, "run.finished")[-1]["reason"] == "empty-cap"
 
@@ -159,8 +171,8 @@ sed -i 's/^DEPTH = .*/DEPTH = 2/' workspace/train.py
 rloopd submit -m "depth 2"
 sleep 60
 """)
-    run = start(home, lab, n=10, window="3s")
-    state = Loop(home, run).run()
+    run = through_daemon(home, lab, "-n", "10", "--window", "3s")
+    state = run_state(home.log, run)
     [ended] = events(home, run, "session.ended")
     assert ended["reason"] == "window" and state.status == "finished" and state.restarts == 0
     assert events(home, run, "run.finished")[-1]["reason"] == "window"
@@ -308,3 +320,19 @@ def test_a_silent_agent_and_a_flooding_one_are_ended_with_a_readable_reason(home
     kept = home.blobs.get(ended["output_blob"])
     assert ended["reason"] == "agent-exit" and len(kept) < 1.1e6 and b"bytes of output not kept" in kept
     assert state.status == "finished"
+
+
+def test_a_submit_after_the_window_closed_is_refused(home, tmp_path):
+    import time
+
+    from rloopd.log import NewEvent
+    from rloopd.runsocket import SubmitRefused
+
+    run = start(home, lab_with_agent(tmp_path, "exit 0\n"), n=5, window="1s")
+    loop = Loop(home, run)
+    loop.append(NewEvent("session.started", {"session": 1, "agent": "cmd:x"}))
+    loop.sessions.session = 1
+    time.sleep(1.1)  # the session's own time spends the window
+    with pytest.raises(SubmitRefused, match="window has closed"):
+        loop.sessions.submit({"message": "too late"})
+    assert not events(home, run, "experiment.submitted")
