@@ -137,6 +137,7 @@ class ExperimentSubmitted(Payload):
     session: int
     message: str
     ticket: str
+    step: int | None = None  # the experiment it started (the next experiment.started of this run)
 
 
 class ExperimentStarted(Payload):

@@ -258,7 +258,7 @@ class SessionDriver:
                 for summary in diff_summaries(diff)]
         acts.append(NewEvent("agent.acted", {"session": n or 0, "kind": "command",
                                              "summary": f"rloopd submit -m {self.redactor.redact_text(message)!r}"}))
-        loop.append(*acts, NewEvent("experiment.submitted", {"session": n or 0, "ticket": ticket,
+        loop.append(*acts, NewEvent("experiment.submitted", {"session": n or 0, "ticket": ticket, "step": step,
                                                              "message": self.redactor.redact_text(message)}))
         try:
             loop.run_in_slot(step, 0, commit, self.redactor.redact_text(message), None, {}, diff)

@@ -69,7 +69,7 @@ esac
     assert state.status == "finished" and state.step == 4
     submitted = events(home, run, "experiment.submitted")
     assert [s["message"] for s in submitted[:2]] == ["depth 3: more capacity", "depth 5"]
-    assert [s["session"] for s in submitted] == [1, 1, 2, 3]
+    assert [s["session"] for s in submitted] == [1, 1, 2, 3] and [s["step"] for s in submitted] == [1, 2, 3, 4]
     assert submitted[2]["message"] == "changes left in the workspace at the end of session 2"  # submitted for it
     started = events(home, run, "session.started")
     ended = events(home, run, "session.ended")
