@@ -270,6 +270,8 @@ class Loop:
         project_memory(self.run_dir, self.fold.mem, self.home.blobs, self.fold.results_tsv(self.created["metric"]),
                        self.written)
         self.table.set_position(f"rundir:{self.run_id}", self.state.position)  # what replay compares against
+        if self.sessions is not None and self.sessions.session is not None:
+            self.sessions.after_projection()
         self.snapshots.save_if_due(self.fold, self.run_id)
 
 

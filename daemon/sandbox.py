@@ -135,12 +135,16 @@ def _limits(limits: SessionLimits) -> list[str]:
 
 
 def session_sandbox(uid: int | None, *, home: Path, run_dir: Path, session_dir: Path, kind: str = "auto",
-                    limits: SessionLimits = SessionLimits(), expose: tuple[Path, ...] = ()) -> Sandbox:
+                    limits: SessionLimits = SessionLimits(), expose: tuple[Path, ...] = (),
+                    hide: tuple[Path, ...] = ()) -> Sandbox:
     """The prefix for an agent session (DESIGN section 7): the filesystem read-only except the run's
     `workspace/`, `memory/notes.md`, `memory/artifacts/` and `session_dir` (its HOME, its temporary
     directory and its socket to the daemon); of the home only its own run directory is visible; all
     capabilities dropped and, as root, the run's own uid; network kept (the agent calls its model).
-    `expose` lists files shown read-only although they sit in a hidden directory (the agent's own script).
+    `expose` lists files shown read-only although they sit in a hidden directory (the agent's own script);
+    `hide` more directories to mask (the lab: its private frozen files). No `--new-session`: the session's
+    process group must include the agent, so that SIGTERM reaches it and the grace period means something
+    (its stdin is /dev/null and it has no controlling terminal to inject into).
     `kind` as for `training_sandbox`; without bubblewrap the uid switch and the limits still apply as root.
     """
     kind = resolve_kind(kind)
@@ -152,7 +156,7 @@ def session_sandbox(uid: int | None, *, home: Path, run_dir: Path, session_dir: 
     if kind == "setpriv":
         return Sandbox("setpriv", tail, uid)
     args = [shutil.which("bwrap") or "bwrap", "--unshare-ipc", "--unshare-pid", "--unshare-uts", "--unshare-cgroup-try",
-            "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+            "--die-with-parent", "--cap-drop", "ALL"]
     if root:
         args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP"]
     else:
@@ -163,7 +167,7 @@ def session_sandbox(uid: int | None, *, home: Path, run_dir: Path, session_dir: 
     keep |= _package_dirs()  # `rloopd submit` imports rloopd, which an editable install keeps in a checkout
     keep.add(run_dir)
     keep.add(session_dir)
-    hidden = sorted({Path(d).resolve() for d in [home, Path.home(), Path("/tmp")] if Path(d).exists()},
+    hidden = sorted({Path(d).resolve() for d in [home, *hide, Path.home(), Path("/tmp")] if Path(d).exists()},
                     key=lambda p: len(p.parts))
     for d in hidden:
         if any(_within(d, h) and d != h for h in hidden):
@@ -178,8 +182,9 @@ def session_sandbox(uid: int | None, *, home: Path, run_dir: Path, session_dir: 
             if _within(shown, d) and not any(_within(shown, k) for k in keep):
                 args += _reexpose(shown, d)
                 break
-    for writable in (run_dir / "workspace", run_dir / "memory" / "notes.md", run_dir / "memory" / "artifacts",
-                     session_dir):
+    # memory/ as a whole (a bind of notes.md alone would keep the old file after the daemon replaces it);
+    # its permissions still let the agent write only notes.md and artifacts/, which are its uid's.
+    for writable in (run_dir / "workspace", run_dir / "memory", session_dir):
         args += ["--bind", str(writable), str(writable)]
     args += ["--chdir", str(run_dir), "--"]
     return Sandbox("bwrap", args + tail, uid)

@@ -34,6 +34,7 @@ class SessionSpec:
     grace: float = 10.0
     max_output: int = 16 << 20
     prefix: tuple[str, ...] = ()  # the sandbox command the agent runs under
+    waiting: Callable[[], bool] | None = None  # True while the agent waits on the daemon (its clocks pause)
 
 
 @dataclass
@@ -73,6 +74,42 @@ class _Capture:
         return bytes(self.head) + f"\n[rloopd: {skipped} bytes of output not kept]\n".encode() + bytes(self.tail)
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (through /proc's children lists), nearest first."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop(0)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids = [int(k) for k in (task / "children").read_text().split()]
+            except (OSError, ValueError):
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
+def _terminate(proc: subprocess.Popen) -> None:
+    """SIGTERM to the agent's own processes. bubblewrap dies on SIGTERM and takes everything with it at
+    once, so its processes are passed over and the agent gets its grace period; without a sandbox the
+    whole group gets it."""
+    targets = []
+    for pid in _descendants(proc.pid):
+        try:
+            if Path(f"/proc/{pid}/exe").resolve().name != "bwrap":
+                targets.append(pid)
+        except OSError:
+            continue
+    if not targets or Path(f"/proc/{proc.pid}/exe").resolve().name != "bwrap":
+        _signal_group(proc, signal.SIGTERM)
+        return
+    for pid in targets:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)
@@ -99,6 +136,8 @@ def run_session(spec: SessionSpec, stop: threading.Event | None = None,
         open_pipe = True
         while open_pipe or proc.poll() is None:
             now = time.monotonic()
+            if spec.waiting is not None and spec.waiting():
+                last_output = now  # waiting for an experiment is not silence
             if reason is None:
                 if stop is not None and stop.is_set():
                     reason = STOP_REASONS.get(stop_reason() if stop_reason else "stopped", "stopped")
@@ -107,7 +146,7 @@ def run_session(spec: SessionSpec, stop: threading.Event | None = None,
                 elif spec.quiet_timeout is not None and now - last_output > spec.quiet_timeout:
                     reason, detail = "timeout", f"no output for {spec.quiet_timeout:g} s"
                 if reason is not None:
-                    _signal_group(proc, signal.SIGTERM)
+                    _terminate(proc)
                     term_at = now
             elif term_at is not None and now - term_at > spec.grace and proc.poll() is None:
                 _signal_group(proc, signal.SIGKILL)

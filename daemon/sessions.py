@@ -94,6 +94,7 @@ class SessionDriver:
         give_to(self.uid, run_dir / "workspace", run_dir / "memory" / "notes.md", run_dir / "memory" / "artifacts")
         sock = RunSocket(self.dir / "rloopd.sock", {"submit": self.submit, "result": self.result}, uid=self.uid)
         box = session_sandbox(self.uid, home=self.home.path, run_dir=run_dir, session_dir=self.dir,
+                              hide=(Path(loop.created["lab"]),),
                               kind=loop.created.get("sandbox", "auto"),
                               limits=SessionLimits(self.cfg.processes, self.cfg.memory_mb, self.cfg.file_mb),
                               expose=(Path(argv[0]),) if program is not None and program.is_file() else ())
@@ -105,12 +106,15 @@ class SessionDriver:
             result = run_session(SessionSpec(
                 argv, run_dir, env, timeout=self.cfg.session_timeout,
                 quiet_timeout=self.cfg.quiet_timeout, grace=self.cfg.grace,
-                max_output=int(self.cfg.max_output_mb * (1 << 20)), prefix=tuple(box.prefix)),
+                max_output=int(self.cfg.max_output_mb * (1 << 20)), prefix=tuple(box.prefix),
+                waiting=self.busy.locked),
                 stop=end, stop_reason=lambda: reason["why"])
         finally:
             watching.set()
             sock.close()
             self.session = None
+            with self.busy:  # a submit still running (the agent was ended while it waited) finishes first
+                pass
             for thread in list(self.pending.values()):
                 thread.join()
         self.capture_memory(n)
@@ -189,15 +193,20 @@ class SessionDriver:
             raise
         n, ticket = self.session, new_id()[:12]
         self.latest = ticket
+        try:
+            prepared = self.prepare(n, message, ticket)
+        except BaseException:
+            self.busy.release()
+            raise
         if args.get("wait", True):
             try:
-                return self._run_locked(n, message, ticket)
+                return self._run_locked(prepared)
             finally:
                 self.busy.release()
 
         def work() -> None:
             try:
-                self._run_locked(n, message, ticket)
+                self._run_locked(prepared)
             except Exception as e:  # noqa: BLE001 - recorded for `rloopd result`
                 self.results[ticket] = {"ticket": ticket, "error": str(e)}
             finally:
@@ -206,7 +215,7 @@ class SessionDriver:
         thread = threading.Thread(target=work, name=f"submit-{ticket}", daemon=True)
         self.pending[ticket] = thread
         thread.start()
-        return {"ticket": ticket, "step": self.loop.state.step + 1, "pending": True}
+        return {"ticket": ticket, "step": prepared[1], "pending": True}
 
     def result(self, args: dict[str, Any]) -> dict[str, Any]:
         ticket = args.get("ticket") or self.latest
@@ -235,35 +244,45 @@ class SessionDriver:
         if cap is not None and loop.state.step + 1 > cap:
             raise SubmitRefused(f"the run's experiment budget ({cap}) is spent")
 
-    def _run_locked(self, n: int | None, message: str, ticket: str) -> dict[str, Any]:
+    def _run_locked(self, prepared: tuple) -> dict[str, Any]:
         try:
-            result = self.run_submit(n, message, ticket)
+            result = self.execute(*prepared)
         except Interrupted as e:
             raise SubmitRefused(f"the experiment was interrupted: {e}") from None
-        self.results[ticket] = result
+        self.results[prepared[0]] = result
         return result
 
     def run_submit(self, n: int | None, message: str, ticket: str) -> dict[str, Any]:
         """Run one submitted experiment on the workspace as it is (the busy lock held, or no session live)."""
+        return self.execute(*self.prepare(n, message, ticket))
+
+    def prepare(self, n: int | None, message: str, ticket: str) -> tuple:
+        """Capture memory, check integrity, snapshot the workspace and record the submit: after this the
+        ticket the agent holds names an event in the log."""
         loop = self.loop
         self.capture_memory(n)
         step = loop.state.step + 1
         self.check_integrity(step)
         workspace = loop.run_dir / "workspace"
-        commit = self.home.snapshots.commit(workspace, run=self.run_id, ref=f"s{step}-a0",
-                                            message=self.redactor.redact_text(message), parent=loop.state.best_commit)
+        text = self.redactor.redact_text(message)
+        commit = self.home.snapshots.commit(workspace, run=self.run_id, ref=f"s{step}-a0", message=text,
+                                            parent=loop.state.best_commit)
         diff = self.redactor.redact_text(self.home.snapshots.diff(loop.state.best_commit, commit))
         acts = [NewEvent("agent.acted", {"session": n or 0, "kind": "edit", "summary": summary,
                                          "detail_blob": self.home.blobs.put_text(diff)})
                 for summary in diff_summaries(diff)]
         acts.append(NewEvent("agent.acted", {"session": n or 0, "kind": "command",
-                                             "summary": f"rloopd submit -m {self.redactor.redact_text(message)!r}"}))
+                                             "summary": f"rloopd submit -m {text!r}"}))
         loop.append(*acts, NewEvent("experiment.submitted", {"session": n or 0, "ticket": ticket, "step": step,
-                                                             "message": self.redactor.redact_text(message)}))
+                                                             "message": text}))
+        return ticket, step, commit, text, diff
+
+    def execute(self, ticket: str, step: int, commit: str, text: str, diff: str) -> dict[str, Any]:
+        loop = self.loop
         try:
-            loop.run_in_slot(step, 0, commit, self.redactor.redact_text(message), None, {}, diff)
+            loop.run_in_slot(step, 0, commit, text, None, {}, diff)
         finally:
-            give_to(self.uid, workspace)  # a reject restored the best commit as the daemon's user
+            give_to(self.uid, loop.run_dir / "workspace")  # a reject restored the best commit as the daemon's user
         s = loop.state
         finished = next((e.data for e in self.home.log.read(self.run_id, types=["experiment.finished"],
                                                               from_n=max(s.position - 3, 0))
@@ -279,6 +298,15 @@ class SessionDriver:
                 "program_changed": s.program_blob != self.program_at_start}
 
     # --- what the session left behind ------------------------------------------------------------
+
+    def after_projection(self) -> None:
+        """A projection rewrote notes.md (and artifacts) as the daemon's user: give them back to the agent."""
+        memory = self.loop.run_dir / "memory"
+        give_to(self.uid, memory / "notes.md", memory / "artifacts")
+        if self.uid is not None:
+            for path in (memory / "notes.md", *sorted((memory / "artifacts").rglob("*"))):
+                if path.is_file() and not path.is_symlink():
+                    path.chmod(0o644)
 
     def unsubmitted(self) -> bool:
         s = self.loop.state

@@ -72,7 +72,8 @@ def apply(state: RunState, e: Event) -> RunState:
     t = e.type
     if t == "run.created" and d.get("parent"):  # a fork: everything its parent's prefix built carries on
         return _replace(s, run=e.stream, name=d["name"], status="running", created=d, in_flight=None,
-                        retry=None, flight_started_at=None, base_commit=d.get("base_commit", ""),
+                        retry=None, flight_started_at=None, open_session=None, session_started_at=None,
+                        base_commit=d.get("base_commit", ""),
                         program_blob=d.get("program_blob") or s.program_blob,
                         program_path=str(Path(d["lab"]) / d.get("config", {}).get("program", "program.md")))
     if t == "run.created":

@@ -92,3 +92,20 @@ def test_a_session_is_confined_to_its_run(tmp_path):
     assert out["forked"] < 64
     assert (run_dir / "frozen" / "judge.py").read_text() == "# the judge\n"
     assert not (other / "workspace" / "new.py").exists() and (run_dir / "workspace" / "new.py").exists()
+
+
+def test_sigterm_reaches_the_agent_inside_bubblewrap(tmp_path):
+    import threading
+
+    need_tool("bwrap")
+    home = tmp_path / "home"
+    run_dir = make_run(home, "mine")
+    session_dir = home / "sessions" / "mine"
+    session_dir.mkdir(parents=True)
+    box = session_sandbox(None, home=home, run_dir=run_dir, session_dir=session_dir, kind="bwrap")
+    stop = threading.Event()
+    threading.Timer(1.0, stop.set).start()
+    script = "trap 'echo got TERM; exit 0' TERM; echo ready; while :; do sleep 0.1; done"
+    result = run_session(SessionSpec(["/bin/sh", "-c", script], run_dir, {"PATH": os.environ["PATH"]}, grace=5,
+                                     prefix=tuple(box.prefix)), stop=stop, stop_reason=lambda: "window")
+    assert result.reason == "window" and b"got TERM" in result.output, result.output

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -55,7 +57,9 @@ def test_sessions_submit_carry_notes_and_restart(home, tmp_path):
     lab = lab_with_agent(tmp_path, """
 case "$RLOOPD_SESSION" in
 1)  sed -i 's/^DEPTH = .*/DEPTH = 3/' workspace/train.py
+    echo "before the first submit" >> memory/notes.md
     rloopd submit -m "depth 3: more capacity" || exit 9
+    echo "after the first submit" >> memory/notes.md || exit 8
     sed -i 's/^DEPTH = .*/DEPTH = 5/' workspace/train.py
     rloopd submit -m "depth 5" || exit 9
     echo "session 1 tried depth 3 and 5" >> memory/notes.md
@@ -82,8 +86,11 @@ esac
     acted = [json.loads(x)["data"] for x in rloopd("log", run, "--type", "agent.acted", "--json",
                                                     home=home.path).stdout.splitlines()]
     summaries = [a["summary"] for a in acted]
-    assert summaries[:2] == ["workspace/train.py: +1 -1", "rloopd submit -m 'depth 3: more capacity'"]
-    assert "memory/notes.md: 30 bytes" in summaries and all(a["session"] in (1, 2, 3) for a in acted)
+    assert summaries[:3] == ["memory/notes.md: 24 bytes", "workspace/train.py: +1 -1",
+                             "rloopd submit -m 'depth 3: more capacity'"]
+    notes = (home.run_dir(run) / "memory" / "notes.md").read_text()
+    assert notes == "before the first submit\nafter the first submit\nsession 1 tried depth 3 and 5\n"
+    assert "memory/notes.md: 77 bytes" in summaries and all(a["session"] in (1, 2, 3) for a in acted)
     assert rloopd("replay", run, home=home.path).returncode == 0
     assert rloopd("audit", home=home.path).returncode == 0
 
@@ -239,6 +246,7 @@ def attempt(name, fn):
     except Exception as e:
         out[name] = f"{type(e).__name__}: {e}"[:120]
 attempt("edit frozen/", lambda: open("frozen/experiment.py", "a").write("# owned"))
+attempt("read the lab's private files", lambda: os.listdir(os.environ["ESCAPE_LAB"] + "/frozen/private"))
 attempt("read events.db", lambda: open(home + "/events.db", "rb").read(10))
 attempt("list blobs", lambda: os.listdir(home + "/blobs"))
 attempt("read another run", lambda: os.listdir(home + "/runs/" + os.environ["OTHER_RUN"]))
@@ -274,16 +282,21 @@ def test_escapes_fail_and_are_recorded(home, tmp_path, monkeypatch):
     other_sock = RunSocket(home.path / "sessions" / other / "rloopd.sock", {"submit": lambda a: {"hijacked": True}})
     monkeypatch.setenv("ESCAPE_HOME", str(home.path))
     monkeypatch.setenv("OTHER_RUN", other)
-    lab = lab_with_agent(tmp_path, "", "empty_cap = 1\nprocesses = 64\nmemory_mb = 1024\n")
+    visible = Path(tempfile.mkdtemp(dir="/var/tmp"))  # a lab outside every hidden directory
+    visible.chmod(0o755)
+    lab = lab_with_agent(visible, "", "empty_cap = 1\nprocesses = 64\nmemory_mb = 1024\n")
     (lab / "agent.sh").write_text(f"#!{sys.executable}\n{ESCAPES}")  # the agent is the escape script itself
+    monkeypatch.setenv("ESCAPE_LAB", str(lab))
     run = start(home, lab, n=1)
     try:
         Loop(home, run).run()
     finally:
         other_sock.close()
+        shutil.rmtree(visible)
     [ended] = events(home, run, "session.ended")
     output = home.blobs.get(ended["output_blob"]).decode()
-    line = next(x for x in output.splitlines() if x.startswith("ESCAPES "))
+    line = next((x for x in output.splitlines() if x.startswith("ESCAPES ")), None)
+    assert line is not None, output
     results = json.loads(line.removeprefix("ESCAPES "))
     escaped = [name for name, how in results.items() if how == "ESCAPED"]
     assert escaped == [], results
@@ -336,3 +349,35 @@ def test_a_submit_after_the_window_closed_is_refused(home, tmp_path):
     with pytest.raises(SubmitRefused, match="window has closed"):
         loop.sessions.submit({"message": "too late"})
     assert not events(home, run, "experiment.submitted")
+
+
+def test_a_session_ended_while_its_submit_waits_lets_the_experiment_finish_first(home, tmp_path):
+    lab = lab_with_agent(tmp_path, """
+sed -i 's/^DEPTH = .*/DEPTH = 2/' workspace/train.py
+rloopd submit -m "depth 2"
+sleep 30
+""", "empty_cap = 1\nsession_timeout = 1\n", SLEEP=2)
+    run = start(home, lab, n=3)
+    Loop(home, run).run()
+    kinds = [(e.type, e.data.get("step")) for e in home.log.read(run)
+             if e.type in ("experiment.started", "experiment.decided", "session.ended", "run.finished")]
+    assert kinds[:3] == [("experiment.started", 0), ("experiment.decided", 0), ("experiment.started", 1)]
+    assert kinds[3] == ("experiment.decided", 1) and kinds[4][0] == "session.ended", kinds
+    [ended] = events(home, run, "session.ended")[:1]
+    assert ended["reason"] == "timeout"
+
+
+def test_a_fork_of_a_run_with_an_open_session_does_not_carry_it(home, tmp_path):
+    from rloopd.fork import fork_run
+    from rloopd.log import NewEvent
+
+    lab = lab_with_agent(tmp_path, "exit 0\n", "empty_cap = 1\n")
+    run = start(home, lab, n=1)
+    loop = Loop(home, run)
+    loop.experiment(0, 0)
+    loop.append(NewEvent("session.started", {"session": 1, "agent": "cmd:x"}))
+    fork = fork_run(home, run, 0)
+    state = run_state(home.log, fork)
+    assert state.open_session is None and state.session_started_at is None
+    Loop(home, fork).recover()
+    assert not events(home, fork, "session.ended")
