@@ -245,7 +245,7 @@ class Loop:
         value = outcome.metrics.get(metric)
         self.append(NewEvent("experiment.finished", {
             "step": step, "attempt": attempt, "status": outcome.status, "metrics": outcome.metrics,
-            "log_blob": self.home.blobs.put(outcome.log), "wall_seconds": round(outcome.wall_seconds, 3)}))
+            "log_blob": self.home.blobs.put(self.redact(outcome.log)), "wall_seconds": round(outcome.wall_seconds, 3)}))
         d = decide(self.state.best, outcome.status, value, self.created["direction"], self.lab.accept)
         events = []
         if d.accepted and outcome.model is not None:
@@ -259,6 +259,10 @@ class Loop:
         if not d.accepted:  # the workspace holds the rejected change: put the best commit back, no probe
             self.home.snapshots.restore(self.state.best_commit or self.state.base_commit, self.run_dir / "workspace")
         self.project()
+
+    def redact(self, data: bytes) -> bytes:
+        """What agent code printed (the training log) is redacted like the session's own output."""
+        return self.sessions.redactor.redact(data) if self.sessions is not None else data
 
     def project(self) -> None:
         """Bring the experiments table and the run directory up to the log; every `EVERY` events, store the

@@ -138,6 +138,11 @@ def create_run(home: Home, lab_dir: Path, *, agent: str | None, experiments: int
         home.log.append_one(run, "run.warned", {"about": "sandbox", "message": (
             "no sandbox: training runs as the daemon's own user and can read the home, including the "
             "lab's secrets and the hidden split; install bubblewrap or run the daemon as root")})
+    elif kind == "setpriv":
+        home.log.append_one(run, "run.warned", {"about": "sandbox", "message": (
+            "setpriv only: training and agent sessions run as the run's own uid but see the whole filesystem, "
+            "so whatever other users may read (a home directory of mode 755 included) they can read; "
+            "install bubblewrap")})
     run_dir = home.run_dir(run)
     home.snapshots.restore(base, run_dir / "workspace")
     materialize_frozen(run_dir, manifest, home.blobs)

@@ -118,6 +118,7 @@ class SessionDriver:
             for thread in list(self.pending.values()):
                 thread.join()
         self.capture_memory(n)
+        self.check_integrity(None)  # also when the session ends without a submit (window, pause, stop)
         stopping = loop.stop.is_set() or result.reason in ("window", "paused", "stopped", "daemon-restart")
         left = loop.window_left()
         if not stopping and (left is None or left > 0) and self.unsubmitted():

@@ -171,6 +171,10 @@ def test_runs_get_their_own_uids_and_no_sandbox_is_a_warning(home, lab):
     assert warned["about"] == "sandbox" and "secrets" in warned["message"]
     proc = rloopd("status", home=home.path)
     assert f"warning: run {c}" in proc.stdout and "secrets" in proc.stdout and f"warning: run {a}" not in proc.stdout
+    if os.geteuid() == 0:  # setpriv alone confines less than bubblewrap: said too
+        d = start(home, lab, n=0, sandbox="setpriv")
+        [warned] = [e.data for e in home.log.read(d, types=["run.warned"])]
+        assert warned["about"] == "sandbox" and "install bubblewrap" in warned["message"]
 
 
 def test_ctrl_c_stops_the_run_cleanly(home_dir, lab):

@@ -381,3 +381,27 @@ def test_a_fork_of_a_run_with_an_open_session_does_not_carry_it(home, tmp_path):
     assert state.open_session is None and state.session_started_at is None
     Loop(home, fork).recover()
     assert not events(home, fork, "session.ended")
+
+
+def test_changes_outside_the_editable_files_left_at_a_window_close_are_reverted(home, tmp_path):
+    lab = lab_with_agent(tmp_path, """
+echo planted > workspace/data.bin
+sleep 60
+""")
+    run = start(home, lab, n=5, window="2s")
+    Loop(home, run).run()
+    [violated] = events(home, run, "integrity.violated")
+    assert violated["paths"] == ["workspace/data.bin"] and violated["step"] is None
+    assert not (home.run_dir(run) / "workspace" / "data.bin").exists()
+    assert events(home, run, "session.ended")[0]["reason"] == "window"
+
+
+def test_a_fork_to_a_cmd_agent_checks_the_recorded_template(home, tmp_path):
+    lab = lab_with_agent(tmp_path, "exit 0\n")
+    (lab / "prompt.md").write_text("Do better: {history}")
+    parent = runs.create_run(home, lab, agent="random", experiments=1, budget=None, seed=0, name="p")
+    Loop(home, parent).run()
+    before = len(list(home.log.read()))
+    proc = rloopd("fork", parent, "1", "--agent", "cmd:./agent.sh {prompt_file}", home=home.path)
+    assert proc.returncode == 2 and "unknown placeholder {history}" in proc.stderr and "prompt.md" in proc.stderr
+    assert len(list(home.log.read())) == before
