@@ -198,14 +198,24 @@ def _package_dirs() -> set[Path]:
 
 
 def give_to(uid: int | None, *paths: Path) -> None:
-    """Make the agent's writable paths its own uid's (as root; the daemon writes them as root)."""
+    """Make the agent's writable paths its own uid's (as root; the daemon writes them as root).
+
+    The agent's processes may still run, so a directory may be swapped for a symlink while this walks:
+    every chown is made relative to an open directory (`os.fwalk`) and never follows a link, so it cannot
+    be steered outside the tree.
+    """
     if uid is None or os.geteuid() != 0:
         return
     for top in paths:
-        if not top.exists():
+        try:
+            os.chown(top, uid, uid, follow_symlinks=False)
+        except FileNotFoundError:
             continue
-        os.chown(top, uid, uid, follow_symlinks=False)
-        if top.is_dir() and not top.is_symlink():
-            for dirpath, dirnames, filenames in os.walk(top):
-                for name in dirnames + filenames:
-                    os.chown(os.path.join(dirpath, name), uid, uid, follow_symlinks=False)
+        if not top.is_dir() or top.is_symlink():
+            continue
+        for _, dirnames, filenames, dirfd in os.fwalk(top, follow_symlinks=False):
+            for name in dirnames + filenames:
+                try:
+                    os.chown(name, uid, uid, dir_fd=dirfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue

@@ -109,3 +109,18 @@ def test_sigterm_reaches_the_agent_inside_bubblewrap(tmp_path):
     result = run_session(SessionSpec(["/bin/sh", "-c", script], run_dir, {"PATH": os.environ["PATH"]}, grace=5,
                                      prefix=tuple(box.prefix)), stop=stop, stop_reason=lambda: "window")
     assert result.reason == "window" and b"got TERM" in result.output, result.output
+
+
+def test_give_to_never_follows_a_link_out_of_the_tree(tmp_path):
+    need_root()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "host-file").write_text("root's")
+    tree = tmp_path / "workspace"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "a.py").write_text("x")
+    (tree / "escape").symlink_to(outside)  # a directory swapped for a link by the agent
+    (tree / "file-link").symlink_to(outside / "host-file")
+    give_to(61000, tree)
+    assert os.stat(tree / "sub" / "a.py").st_uid == 61000 and os.lstat(tree / "escape").st_uid == 61000
+    assert os.stat(outside / "host-file").st_uid == 0 and os.stat(outside).st_uid == 0
