@@ -219,6 +219,8 @@ class FoldSnapshots:
         chain is short, and make that snapshot `f`'s base. Idempotent: the same fold gives the same row."""
         conn = self.log.conn
         n = f.state.position
+        if f.parts and (f.parts[-1].stream, f.parts[-1].n) == (stream, n):
+            return  # already stored at this position; saving again would make the snapshot its own base
         head = conn.execute("SELECT hash FROM events WHERE stream = ? AND n = ?", (stream, n)).fetchone()[0]
         new_lines = ex.results_lines(_by_step(f.new))
         if f.parts and len(f.parts) < CHAIN:
