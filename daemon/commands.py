@@ -27,7 +27,7 @@ def _state(home: Home, run: str) -> RunState:
 
 
 def _done_before(home: Home, request: str) -> bool:
-    return bool(home.log.conn.execute("SELECT 1 FROM events WHERE id = ?", (request,)).fetchone())
+    return home.log.stream_of(request) is not None
 
 
 def _wait_status(home: Home, run: str, leaving: str, timeout: float = 60) -> str:
@@ -47,9 +47,9 @@ def ping(daemon: Daemon, home: Home, args: dict, request: str) -> dict[str, Any]
 
 
 def run(daemon: Daemon, home: Home, args: dict, request: str) -> dict[str, Any]:
-    prior = home.log.conn.execute("SELECT stream FROM events WHERE id = ?", (request,)).fetchone()
+    prior = home.log.stream_of(request)
     if prior:
-        return {"run_id": prior[0]}
+        return {"run_id": prior}
     run_id = runs.create_run(home, Path(args["lab"]), agent=args.get("agent"),
                              experiments=args.get("experiments"), budget=args.get("budget"),
                              seed=int(args.get("seed", 0)), name=args.get("name"),
@@ -61,9 +61,9 @@ def run(daemon: Daemon, home: Home, args: dict, request: str) -> dict[str, Any]:
 def fork(daemon: Daemon, home: Home, args: dict, request: str) -> dict[str, Any]:
     from rloopd.fork import fork_run
 
-    prior = home.log.conn.execute("SELECT stream FROM events WHERE id = ?", (request,)).fetchone()
+    prior = home.log.stream_of(request)
     if prior:
-        return {"run_id": prior[0]}
+        return {"run_id": prior}
     run_id = fork_run(home, args["run"], int(args["step"]), name=args.get("name"), agent=args.get("agent"),
                       program=Path(args["program"]) if args.get("program") else None,
                       experiments=args.get("experiments"), window=args.get("window"), seed=args.get("seed"),

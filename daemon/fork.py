@@ -18,7 +18,7 @@ from rloopd.log import EventLog, NewEvent, new_id
 from rloopd.memory.experiments import ExperimentsTable
 from rloopd.memory.folded import FoldSnapshots, fold_history
 from rloopd.memory.rundir import materialize_frozen, project_memory
-from rloopd.runs import lab_from_config, parse_window
+from rloopd.runs import parse_window, prompt_template
 from rloopd.sandbox import allocate_uid
 
 
@@ -63,10 +63,9 @@ def fork_run(home: Home, parent_ref: str, step: int, *, name: str | None = None,
         if check_agent(agent) == "cmd":  # the template recorded at the root run's creation, checked now
             from rloopd.agents.cmd import check_template
 
-            prompt = lab_from_config(created["config"], Path(created["lab"])).agent.prompt
-            template = next((m for m in created.get("manifest", []) if m["path"] == prompt and m.get("blob")), None)
+            prompt, template = prompt_template(home, created)
             if template is not None:
-                check_template(home.blobs.get_text(template["blob"]), f"{prompt} (recorded in run {parent})")
+                check_template(template, f"{prompt} (recorded in run {parent})")
     if experiments is not None and experiments < 0:
         raise LabConfigError(f"--experiments {experiments}: must be 0 or more")
     if name and any(e.data.get("name") == name for e in home.log.runs()):

@@ -42,7 +42,7 @@ class NotArchivable(RloopdError):
 
 def archive_run(home: Home, run: str, reason: str = "", request: str | None = None) -> str:
     """Append `run.archived` to a run that is finished, stopped or failed; returns its status afterwards."""
-    if request and home.log.conn.execute("SELECT 1 FROM events WHERE id = ?", (request,)).fetchone():
+    if request and home.log.stream_of(request):
         return "archived"
     state = run_state(home.log, run)
     if state.status == "archived":
@@ -92,7 +92,7 @@ def collect(home: Home, keep_last: int = DEFAULT_KEEP_LAST, orphan_age: float = 
     rule = f"best and last {keep_last} checkpoints per run (archived runs: best only); orphans older than " \
            f"{orphan_age:g} s"
     result = Collection(rule=rule, dry_run=dry_run)
-    if request and home.log.conn.execute("SELECT 1 FROM events WHERE id = ?", (request,)).fetchone():
+    if request and home.log.stream_of(request):
         return result
     named, checkpoints, retained = set(), set(), set()  # named: by any event other than checkpoint.saved
     home.log.conn.execute("BEGIN")  # one consistent reading of the log

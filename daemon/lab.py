@@ -261,14 +261,14 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _matching(root: Path, patterns: list[str]) -> set[str]:
+def matching_files(root: Path, patterns: list[str]) -> set[str]:
     return {f for p in patterns for f in glob_files(root, p)}
 
 
 def manifest(lab: Lab) -> list[LabFile]:
     """Every editable and frozen file with its sha256, the private ones flagged, sorted by path."""
-    editable, frozen = _matching(lab.root, lab.editable), _matching(lab.root, lab.frozen)
-    private = _matching(lab.root, lab.private)
+    editable, frozen = matching_files(lab.root, lab.editable), matching_files(lab.root, lab.frozen)
+    private = matching_files(lab.root, lab.private)
     rows = []
     for rel in sorted(editable | frozen):
         path = lab.root / rel
@@ -391,11 +391,11 @@ def _check_files(lab: Lab, file: Path) -> None:
         for pattern in getattr(lab, key):
             if not glob_files(root, pattern):
                 raise _fail(file, key, f"{pattern!r} matches no file")
-    editable, frozen = _matching(root, lab.editable), _matching(root, lab.frozen)
+    editable, frozen = matching_files(root, lab.editable), matching_files(root, lab.frozen)
     both = sorted(editable & frozen)
     if both:
         raise _fail(file, "frozen", f"{both[0]} is also editable")
-    loose = sorted(_matching(root, lab.private) - frozen)
+    loose = sorted(matching_files(root, lab.private) - frozen)
     if loose:
         raise _fail(file, "private", f"{loose[0]} is not a frozen file")
     sources: dict[str, dict[str, Any]] = {}

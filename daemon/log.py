@@ -386,6 +386,11 @@ class EventLog:
         rows = self.conn.execute(f"SELECT {_COLUMNS} FROM events WHERE id IN ({marks}) ORDER BY seq", ids)
         return [_row_event(r) for r in rows]
 
+    def stream_of(self, event_id: str) -> str | None:
+        """The stream holding the event with this id, if any: a retried command's request id is its event id."""
+        row = self.conn.execute("SELECT stream FROM events WHERE id = ?", (event_id,)).fetchone()
+        return row[0] if row else None
+
     def head(self, stream: str) -> tuple[int, str] | None:
         """(n, hash) of the stream's last event, or None for an empty stream."""
         row = self.conn.execute(

@@ -210,3 +210,11 @@ def experiment_for(home: Home, run: str, created: dict[str, Any], lab: Lab, snap
                       budget=budget or created["budget"], timeout=lab.timeout, seed=experiment_seed(created, step),
                       secrets=lab_secrets(home), sandbox=sandbox.prefix, cache=home.path / "cache", scratch=scratch,
                       private=home.path / "tmp" / run / "judge", extra_args=lab.entry_args(), env=env or {})
+
+
+def prompt_template(home: Home, created: dict[str, Any]) -> tuple[str, str | None]:
+    """(path, text) of the session prompt's template recorded at the run's creation; text None if the lab
+    had none (the built-in one is used)."""
+    path = lab_from_config(created["config"], Path(created["lab"])).agent.prompt
+    entry = next((m for m in created.get("manifest", []) if m["path"] == path and m.get("blob")), None)
+    return path, home.blobs.get_text(entry["blob"]) if entry else None

@@ -31,14 +31,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rloopd.agents.cmd import DEFAULT_PROMPT, parse_cmd, render_prompt
-from rloopd.lab import glob_files
+from rloopd.lab import matching_files
 from rloopd.log import NewEvent, new_id
-from rloopd.memory.rundir import CHECKPOINT, materialize_frozen, write_atomic
+from rloopd.memory.rundir import CHECKPOINT, frozen_dest, materialize_frozen, write_atomic
 from rloopd.redact import Redactor
 from rloopd.runner import Interrupted
+from rloopd.runs import prompt_template
 from rloopd.runsocket import RunSocket, SubmitRefused
 from rloopd.sandbox import SessionLimits, give_to, session_sandbox
 from rloopd.session import SessionSpec, run_session
+from rloopd.snapshots import workspace_files
 
 if TYPE_CHECKING:
     from rloopd.loop import Loop
@@ -129,16 +131,18 @@ class SessionDriver:
             output += f"\n[rloopd: {result.detail}]\n".encode()
         loop.append(NewEvent("session.ended", {"session": n, "exit_code": result.exit_code, "reason": result.reason,
                                                "output_blob": self.home.blobs.put(output)}))
-        self.empty = self.empty + 1 if loop.state.step == steps_before else 0
         if loop.stop.is_set():
             raise Interrupted(f"session {n} ended: {result.reason}")
-        if self.empty >= self.cfg.empty_cap:
-            loop.finish_run("empty-cap")
+        self.count(empty=loop.state.step == steps_before)
 
     def cannot_start(self, n: int, why: str) -> None:
         self.loop.append(NewEvent("session.ended", {"session": n, "exit_code": None, "reason": "error",
                                                     "output_blob": self.home.blobs.put_text(why + "\n")}))
-        self.empty += 1
+        self.count(empty=True)
+
+    def count(self, empty: bool) -> None:
+        """Sessions in a row that started no experiment; at `empty_cap` the run ends."""
+        self.empty = self.empty + 1 if empty else 0
         if self.empty >= self.cfg.empty_cap:
             self.loop.finish_run("empty-cap")
 
@@ -168,9 +172,7 @@ class SessionDriver:
 
     def prompt(self, n: int) -> str:
         loop = self.loop
-        template_entry = next((m for m in loop.created.get("manifest", [])
-                               if m["path"] == self.cfg.prompt and m.get("blob")), None)
-        template = self.home.blobs.get_text(template_entry["blob"]) if template_entry else DEFAULT_PROMPT
+        template = prompt_template(self.home, loop.created)[1] or DEFAULT_PROMPT
         program = self.home.blobs.get_text(loop.state.program_blob) if loop.state.program_blob else ""
         memory = loop.run_dir / "memory"
         results = (memory / "results.tsv").read_text() if (memory / "results.tsv").exists() else ""
@@ -280,17 +282,16 @@ class SessionDriver:
 
     def execute(self, ticket: str, step: int, commit: str, text: str, diff: str) -> dict[str, Any]:
         loop = self.loop
+        began = loop.state.position + 1
         try:
             loop.run_in_slot(step, 0, commit, text, None, {}, diff)
         finally:
             give_to(self.uid, loop.run_dir / "workspace")  # a reject restored the best commit as the daemon's user
         s = loop.state
-        finished = next((e.data for e in self.home.log.read(self.run_id, types=["experiment.finished"],
-                                                              from_n=max(s.position - 3, 0))
-                         if e.data["step"] == step), {})
-        decided = next((e.data for e in self.home.log.read(self.run_id, types=["experiment.decided"],
-                                                             from_n=max(s.position - 2, 0))
-                        if e.data["step"] == step), {})
+        outcome = {e.type: e.data for e in self.home.log.read(self.run_id, from_n=began,
+                                                              types=["experiment.finished", "experiment.decided"])
+                   if e.data["step"] == step}
+        finished, decided = outcome.get("experiment.finished", {}), outcome.get("experiment.decided", {})
         left = loop.window_left()
         return {"ticket": ticket, "step": step, "status": finished.get("status"), "metric": s.metric,
                 "value": (finished.get("metrics") or {}).get(s.metric), "accepted": bool(decided.get("accepted")),
@@ -304,10 +305,6 @@ class SessionDriver:
         """A projection rewrote notes.md (and artifacts) as the daemon's user: give them back to the agent."""
         memory = self.loop.run_dir / "memory"
         give_to(self.uid, memory / "notes.md", memory / "artifacts")
-        if self.uid is not None:
-            for path in (memory / "notes.md", *sorted((memory / "artifacts").rglob("*"))):
-                if path.is_file() and not path.is_symlink():
-                    path.chmod(0o644)
 
     def unsubmitted(self) -> bool:
         s = self.loop.state
@@ -345,9 +342,9 @@ class SessionDriver:
         """Files of the workspace outside the editable globs are put back to the best commit and recorded."""
         loop = self.loop
         workspace = loop.run_dir / "workspace"
-        allowed = _matching_run(workspace, loop.lab.editable)
+        allowed = matching_files(loop.run_dir, loop.lab.editable)  # the globs are relative to a lab root
         best = loop.state.best_commit or loop.state.base_commit
-        changed = [rel for rel in _files(workspace) if f"workspace/{rel}" not in allowed]
+        changed = [rel for rel in workspace_files(workspace) if f"workspace/{rel}" not in allowed]
         outside = [rel for rel in changed if not self._same_as(best, rel, workspace / rel)]
         if not outside:
             return
@@ -375,8 +372,7 @@ class SessionDriver:
         for entry in loop.created.get("manifest", []):
             if entry["role"] != "frozen" or not entry.get("blob"):
                 continue
-            rel = Path(entry["path"])
-            dest = run_dir / rel if rel.parts[0] == "frozen" else run_dir / "frozen" / rel
+            dest = frozen_dest(run_dir, entry["path"])
             if not dest.is_file() or hashlib.sha256(dest.read_bytes()).hexdigest() != entry["sha256"]:
                 bad.append(dest.relative_to(run_dir).as_posix())
         program = run_dir / "program.md"
@@ -413,16 +409,3 @@ def diff_summaries(diff: str) -> list[str]:
         elif out and line.startswith("-") and not line.startswith("---"):
             out[-1][2] += 1
     return [f"workspace/{name}: +{plus} -{minus}" for name, plus, minus in out]
-
-
-def _files(root: Path) -> list[str]:
-    from rloopd.snapshots import workspace_files
-
-    return workspace_files(root)
-
-
-def _matching_run(workspace: Path, patterns: list[str]) -> set[str]:
-    """The editable globs (relative to a lab root) applied to a run directory's workspace."""
-    run_dir = workspace.parent
-    return {f for p in patterns for f in glob_files(run_dir, p)} if patterns else set()
-

@@ -65,13 +65,18 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         raise
 
 
+def frozen_dest(run_dir: Path, path: str) -> Path:
+    """Where a public frozen lab file sits in a run directory (under frozen/, as in the lab)."""
+    rel = Path(path)
+    return run_dir / rel if rel.parts[0] == "frozen" else run_dir / "frozen" / rel
+
+
 def materialize_frozen(run_dir: Path, manifest: list[dict[str, Any]], blobs: BlobStore) -> None:
     """Copy the lab's public frozen files into runs/<run>/frozen/, read-only; private ones never."""
     for entry in manifest:
         if entry["role"] != "frozen" or not entry.get("blob"):
             continue
-        rel = Path(entry["path"])
-        dest = run_dir / rel if rel.parts[0] == "frozen" else run_dir / "frozen" / rel
+        dest = frozen_dest(run_dir, entry["path"])
         write_atomic(dest, blobs.get(entry["blob"]), stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
 
 
