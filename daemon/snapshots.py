@@ -93,7 +93,9 @@ class Snapshots:
                 entries.append(f"120000 {sha.decode().strip()}\t{p}")
         with tempfile.TemporaryDirectory() as tmp:
             env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
-            self._git("update-index", "--add", "--index-info", input=("\n".join(entries) + "\n").encode(), env=env)
+            if entries:  # an empty workspace (e.g. a restore killed half-way) is the empty tree, not an error
+                self._git("update-index", "--add", "--index-info", input=("\n".join(entries) + "\n").encode(),
+                          env=env)
             tree = self._git("write-tree", env=env).decode().strip()
         args = ["commit-tree", tree, "-m", message]
         if parent:

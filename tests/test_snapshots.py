@@ -51,3 +51,20 @@ def test_agent_git_dir_and_hooks_are_ignored(tmp_path):
     assert not (tmp_path / "hook-ran").exists()
     snaps.restore(c, ws)
     assert (ws / ".git" / "HEAD").exists(), "the agent's own repository is left alone"
+
+
+def test_an_emptied_workspace_is_the_empty_tree_and_restores(tmp_path):
+    """A restore killed after it cleared the workspace leaves it empty; recovery must be able to snapshot
+    that (it used to fail with git's 'malformed index info' and stop the daemon from starting)."""
+    need_tool("git")
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "train.py").write_text("LR = 0.1\n")
+    snaps = Snapshots(tmp_path / "git")
+    c1 = snaps.commit(ws, run="r", ref="s0", message="baseline")
+    (ws / "train.py").unlink()
+    empty = snaps.commit(ws, run="r", ref="s1", message="empty", parent=c1)
+    assert "-LR = 0.1" in snaps.diff(c1, empty)
+    assert not snaps.tree_equal(c1, ws)
+    snaps.restore(c1, ws)
+    assert snaps.tree_equal(c1, ws)
