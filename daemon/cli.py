@@ -23,7 +23,7 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
 
 HomeOpt = Annotated[Path | None, typer.Option(
-    "--home", envvar="RLOOPD_HOME", show_envvar=True,
+    "--home", envvar="RLOOPD_HOME", show_envvar=True, readable=False,  # Home.open says what access it needs
     help="State directory (default: $XDG_STATE_HOME/rloopd, else ~/.local/state/rloopd).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON to stdout (progress goes to stderr).")]
 

@@ -36,6 +36,14 @@ class ManifestEntry(Payload):
     role: Literal["editable", "frozen", "private", "program", "other"]
 
 
+class AgentFile(Payload):
+    """A command agent's own script, when it is a file of the lab: recorded, and run from its blob."""
+
+    path: str  # relative to the lab
+    sha256: str
+    blob: str
+
+
 class ForkPoint(Payload):
     run: str
     n: int  # position of the parent's event the fork continues from (its chain's prev)
@@ -50,6 +58,7 @@ class RunCreated(Payload):
     metric: str = "val_bpb"
     direction: Literal["minimize", "maximize"] = "minimize"
     agent: str = "random"
+    agent_files: list[AgentFile] = []
     memory_policy: str = "notes"
     search_space: dict[str, Any] = {}
     budget: str = ""
@@ -97,6 +106,7 @@ class SessionStarted(Payload):
     session: int
     agent: str
     program_blob: str | None = None
+    agent_version: str | None = None  # what a CLI agent's `--version` printed (codex, claude)
 
 
 SessionEndReason = Literal[
@@ -114,7 +124,8 @@ class SessionEnded(Payload):
     reason: SessionEndReason
     usage: dict[str, int] = {}  # input, output, cached_input, cache_write, reasoning: as the agent reports them
     cost_usd: float | None = None
-    output_blob: str | None = None
+    output_blob: str | None = None  # stdout (a CLI's raw JSON stream), capped; stderr too for `cmd:` agents
+    stderr_blob: str | None = None  # a CLI's stderr, kept apart from its stream
 
 
 def _session_ended_v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
@@ -125,8 +136,8 @@ def _session_ended_v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
 
 class AgentActed(Payload):
     session: int
-    kind: Literal["message", "command", "edit", "tool", "reasoning"]
-    summary: str
+    kind: Literal["message", "command", "edit", "tool", "reasoning", "error"]  # error: provider errors and
+    summary: str                                                                  # unreadable stream lines
     detail_blob: str | None = None
 
 

@@ -18,7 +18,7 @@ from rloopd.log import EventLog, NewEvent, new_id
 from rloopd.memory.experiments import ExperimentsTable
 from rloopd.memory.folded import FoldSnapshots, fold_history
 from rloopd.memory.rundir import materialize_frozen, project_memory
-from rloopd.runs import parse_window, prompt_template
+from rloopd.runs import agent_files, parse_window, prompt_template
 from rloopd.sandbox import allocate_uid
 
 
@@ -52,7 +52,7 @@ def fork_run(home: Home, parent_ref: str, step: int, *, name: str | None = None,
              program: Path | None = None, experiments: int | None = None, window: str | None = None,
              seed: int | None = None, request: str | None = None) -> str:
     """Create the fork (validating everything first) and return its run id."""
-    from rloopd.agents import check_agent
+    from rloopd.agents import SESSION_KINDS, check_agent
 
     parent = home.log.resolve(parent_ref)
     stream, n = fork_point(home, parent, step)
@@ -60,7 +60,7 @@ def fork_run(home: Home, parent_ref: str, step: int, *, name: str | None = None,
     state = prefix.state
     created = dict(state.created)
     if agent is not None:
-        if check_agent(agent) == "cmd":  # the template recorded at the root run's creation, checked now
+        if check_agent(agent) in SESSION_KINDS:  # the template recorded at the root run's creation, checked now
             from rloopd.agents.cmd import check_template
 
             prompt, template = prompt_template(home, created)
@@ -88,6 +88,8 @@ def fork_run(home: Home, parent_ref: str, step: int, *, name: str | None = None,
         seed=created.get("seed", 0) if seed is None else seed, base_commit=state.best_commit,
         program_blob=state.program_blob, parent={"run": stream, "n": n, "step": step},
         uid=allocate_uid({e.data["uid"] for e in home.log.runs() if e.data.get("uid") is not None}))
+    if agent is not None:  # a new agent's script is read from the lab now, and recorded
+        created["agent_files"] = agent_files(home, agent, Path(created["lab"]))
     events = [NewEvent("run.created", created, **({"id": request} if request else {}))]
     if program_blob is not None:  # the fork follows its own program file from now on
         events.append(NewEvent("program.changed", {"program_blob": program_blob, "source": "fork",
@@ -96,6 +98,7 @@ def fork_run(home: Home, parent_ref: str, step: int, *, name: str | None = None,
     stored = home.log.append(run, events, expected_n=0, prev=head)
     prefix.add(stored)  # now the fork's own fold
     run_dir = home.run_dir(run)
+    home.secure_run(run, created)
     home.snapshots.restore(state.best_commit, run_dir / "workspace")
     materialize_frozen(run_dir, created["manifest"], home.blobs)
     project_memory(run_dir, prefix.mem, home.blobs, prefix.results_tsv(created["metric"]))

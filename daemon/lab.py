@@ -43,6 +43,7 @@ from pydantic import (
 )
 
 from rloopd.errors import LabConfigError
+from rloopd.redact import secret_reason
 
 CATEGORIES = ("learning rate", "depth", "width", "batch size", "schedule", "regularization", "optimizer",
               "context", "architecture", "other")
@@ -99,7 +100,7 @@ class AgentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     spec: str | None = None  # the agent a plain `rloopd run` uses, e.g. "cmd:'./agent.sh {prompt_file}'"
     prompt: str = "prompt.md"  # the session prompt's template, in the lab (a built-in one if absent)
-    env: dict[str, str] = {}  # added to each session's environment
+    env: dict[str, str] = {}  # added to each session's environment; never a secret (see _check_agent_env)
     session_timeout: float = Field(default=3600.0, gt=0)  # seconds one session may last
     quiet_timeout: float | None = Field(default=None, gt=0)  # seconds without output before it is ended
     grace: float = Field(default=10.0, ge=0)  # SIGTERM, then SIGKILL this many seconds later
@@ -109,6 +110,14 @@ class AgentConfig(BaseModel):
     processes: int = Field(default=256, ge=8)  # session limits (RLIMITs, as the run's uid)
     memory_mb: int = Field(default=8192, ge=64)
     file_mb: int = Field(default=1024, ge=1)
+    # codex and claude (daemon/agents/cli.py); a spec's own options override these
+    effort: str | None = None  # reasoning effort
+    max_tokens: int | None = Field(default=None, gt=0)  # the run's spend cap in tokens (input + output)
+    max_usd: float | None = Field(default=None, gt=0)  # ... and in dollars, where the CLI reports a cost
+    args: list[str] = []  # extra words for the CLI
+    binary: str | None = None  # the CLI's path (default: codex / claude on the daemon's PATH)
+    codex_config: dict[str, Any] = {}  # merged into Codex's configuration (e.g. a custom model provider)
+    provider_cap: int = Field(default=5, ge=1)  # sessions in a row ended by provider errors before the run ends
 
 
 class Metric(BaseModel):
@@ -229,6 +238,12 @@ def _glob_regex(pattern: str) -> re.Pattern:
         else:
             out, i = out + re.escape(pattern[i]), i + 1
     return re.compile(out + r"\Z")
+
+
+def matches(patterns: list[str], rel: str) -> bool:
+    """Whether a path relative to the lab root (e.g. `workspace/train.py`) matches one of the globs, whether
+    or not it exists (an integrity check must judge a file the agent deleted too)."""
+    return any(_glob_regex(p).match(rel) for p in patterns)
 
 
 def glob_files(root: Path, pattern: str) -> list[str]:
@@ -380,7 +395,19 @@ def load_lab(path: Path | str) -> Lab:
         raise _fail(file, key, msg) from None
     lab._root = root
     _check_files(lab, file)
+    _check_agent_env(lab, file)
     return lab
+
+
+def _check_agent_env(lab: Lab, file: Path) -> None:
+    """rloop.toml is recorded in the log (the run's config and the file's blob) as it is, unredacted: an
+    `[agent] env` entry that the redactor would treat as a secret, by its name or by its value's format, is
+    refused here, at load time only, so that runs already recorded still load. The message names the key,
+    never the value."""
+    for name, value in lab.agent.env.items():
+        if secret_reason(name, value):
+            raise _fail(file, f"agent.env.{name}", "looks like a secret; secrets belong in the daemon's environment "
+                        "(they are passed to sessions and redacted), not in the lab, which is recorded in the log")
 
 
 def _check_files(lab: Lab, file: Path) -> None:

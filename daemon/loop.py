@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from rloopd import runs
-from rloopd.agents import check_agent, random_search
+from rloopd.agents import SESSION_KINDS, check_agent, random_search
 from rloopd.decide import decide
 from rloopd.errors import StaleRun
 from rloopd.home import Home
@@ -76,9 +76,10 @@ class Loop:
         self.created = self.state.created
         self.lab = runs.run_lab(home, self.state)
         self.run_dir = home.run_dir(run)
+        home.secure_run(run, self.created)  # only the run's own uid gets in (an older home is tightened here)
         self.kind = check_agent(self.created["agent"])
         self.mode = random_search.parse_agent(self.created["agent"]) if self.kind == "random" else None
-        self.sessions = SessionDriver(self) if self.kind == "cmd" else None
+        self.sessions = SessionDriver(self) if self.kind in SESSION_KINDS else None
 
     @property
     def state(self) -> RunState:
@@ -114,10 +115,13 @@ class Loop:
         window = self.created.get("window_seconds")
         if window is None:
             return None
-        used = self.state.active_seconds
-        live = self.state.session_started_at or (self.state.in_flight is not None and self.state.flight_started_at)
-        if live:  # the session (or the experiment outside one) in progress
-            used += ((now or datetime.now(UTC)) - parse_at(live)).total_seconds()
+        s, now = self.state, now or datetime.now(UTC)
+        used = s.active_seconds
+        live = s.session_started_at or (s.in_flight is not None and s.flight_started_at)
+        if live:  # the session (or the experiment outside one) in progress, less its waits for a slot
+            used += (now - parse_at(live)).total_seconds()
+        if s.session_started_at:
+            used -= s.session_waited + ((now - parse_at(s.waiting_since)).total_seconds() if s.waiting_since else 0)
         return window - used
 
     def run(self) -> RunState:
@@ -153,6 +157,8 @@ class Loop:
     def finish_run(self, reason: str) -> None:
         self.append(NewEvent("run.finished", {"reason": reason, "best": self.state.best,
                                               "best_step": self.state.best_step, "best_commit": self.state.best_commit}))
+        if self.sessions is not None:
+            self.sessions.clean(home_too=True)
 
     def interrupted(self) -> None:
         """Record why the loop ended early; a daemon shutdown records nothing, so the run resumes."""

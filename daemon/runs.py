@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from rloopd.errors import LabConfigError
-from rloopd.home import Home
+from rloopd.home import Home, private_dir
 from rloopd.lab import Lab, load_lab
 from rloopd.log import NewEvent, canonical_json, new_id
 from rloopd.memory.rundir import materialize_frozen
@@ -65,6 +65,18 @@ def build_manifest(home: Home, lab: Lab) -> list[dict[str, Any]]:
     return entries
 
 
+def agent_files(home: Home, agent: str, lab_root: Path) -> list[dict[str, Any]]:
+    """The agent's own script when it is a file of the lab (`cmd:./agent.sh ...`), stored as a blob and
+    recorded on run.created (`agent_files`); sessions run the recorded bytes (see sessions.py)."""
+    from rloopd.agents import check_agent
+    from rloopd.agents.cmd import program_in_lab
+
+    if check_agent(agent) != "cmd" or (rel := program_in_lab(agent, lab_root)) is None:
+        return []
+    data = (Path(lab_root) / rel).read_bytes()
+    return [{"path": rel, "sha256": hashlib.sha256(data).hexdigest(), "blob": home.blobs.put(data)}]
+
+
 def lab_from_config(config: dict[str, Any], root: Path) -> Lab:
     """The lab as recorded on run.created, rooted at `root` (the judge's copy)."""
     lab = Lab.model_validate(config)
@@ -96,7 +108,7 @@ def create_run(home: Home, lab_dir: Path, *, agent: str | None, experiments: int
                seed: int, name: str | None, sandbox: str = "auto", window: str | None = None,
                request: str | None = None) -> str:
     """Validate everything first, then append `run.created`; nothing is written on a bad argument."""
-    from rloopd.agents import check_agent
+    from rloopd.agents import SESSION_KINDS, check_agent
 
     lab = load_lab(lab_dir)
     for word in lab.command:
@@ -104,7 +116,7 @@ def create_run(home: Home, lab_dir: Path, *, agent: str | None, experiments: int
             raise LabConfigError(f"{lab.root / 'rloop.toml'}: command: {word.replace('{lab}', str(lab.root))} "
                                  "does not exist (the entry point)")
     agent = agent or lab.agent.spec or "random"
-    if check_agent(agent) == "cmd":
+    if check_agent(agent) in SESSION_KINDS:
         from rloopd.agents.cmd import check_template
 
         template = lab.root / lab.agent.prompt
@@ -129,7 +141,7 @@ def create_run(home: Home, lab_dir: Path, *, agent: str | None, experiments: int
     home.log.append(run, [NewEvent("run.created", {
         "name": name or f"{lab.name}-{run[:6]}", "lab": str(lab.root), "manifest": manifest,
         "config": lab.model_dump(mode="json"), "metric": lab.metric.name, "direction": lab.metric.direction,
-        "agent": agent,
+        "agent": agent, "agent_files": agent_files(home, agent, lab.root),
         "budget": lab.budget, "experiments": experiments, "seed": seed, "base_commit": base,
         "program_blob": home.blobs.put(program), "sandbox": kind, "uid": uid,
         "search_space": {"editable": lab.editable}, "window_seconds": window_seconds},
@@ -141,9 +153,10 @@ def create_run(home: Home, lab_dir: Path, *, agent: str | None, experiments: int
     elif kind == "setpriv":
         home.log.append_one(run, "run.warned", {"about": "sandbox", "message": (
             "setpriv only: training and agent sessions run as the run's own uid but see the whole filesystem, "
-            "so whatever other users may read (a home directory of mode 755 included) they can read; "
-            "install bubblewrap")})
+            "so whatever other users may read they can read (the home is closed to them but for the run's "
+            "own directories); install bubblewrap")})
     run_dir = home.run_dir(run)
+    home.secure_run(run, {"sandbox": kind, "uid": uid})
     home.snapshots.restore(base, run_dir / "workspace")
     materialize_frozen(run_dir, manifest, home.blobs)
     return run
@@ -159,6 +172,7 @@ def judge_dir(home: Home, created: dict[str, Any]) -> Path:
     if not (root / ".complete").exists():
         tmp = root.with_name(root.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
+        private_dir(root.parent)  # the judge's copies hold the lab's private files
         for entry in created["manifest"]:
             dest = tmp / entry["path"]
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -208,7 +222,8 @@ def experiment_for(home: Home, run: str, created: dict[str, Any], lab: Lab, snap
                                kind=created["sandbox"])
     return Experiment(command=lab.entry_command(judge, sys.executable), workspace=snapshot,
                       budget=budget or created["budget"], timeout=lab.timeout, seed=experiment_seed(created, step),
-                      secrets=lab_secrets(home), sandbox=sandbox.prefix, cache=home.path / "cache", scratch=scratch,
+                      secrets=lab_secrets(home), sandbox=sandbox.prefix, cache=private_dir(home.path / "cache"),
+                      scratch=scratch,
                       private=home.path / "tmp" / run / "judge", extra_args=lab.entry_args(), env=env or {})
 
 

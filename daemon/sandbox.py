@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +43,14 @@ def allocate_uid(taken: set[int], uid_range: tuple[int, int] = UID_RANGE) -> int
         if uid not in taken:
             return uid
     raise SandboxError(f"every uid in {lo}-{hi} is taken by a run; archive runs or widen the range")
+
+
+def run_uid(created: dict) -> int | None:
+    """The uid a run's sessions and training children run as: its own (`uid` on run.created) when the daemon
+    is root and the run has a sandbox, else None (they run as the daemon's own user)."""
+    if os.geteuid() != 0 or created.get("sandbox", "auto") == "none":
+        return None
+    return created.get("uid")
 
 
 def resolve_kind(kind: str) -> str:
@@ -219,3 +229,64 @@ def give_to(uid: int | None, *paths: Path) -> None:
                     os.chown(name, uid, uid, dir_fd=dirfd, follow_symlinks=False)
                 except FileNotFoundError:
                     continue
+
+
+def _belongs(pid: int | str, uid: int) -> bool:
+    """Whether `pid` is a live process (not a zombie) whose real or effective uid is `uid`."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            status = dict(line.split(":", 1) for line in f if ":" in line)
+    except (OSError, ValueError):
+        return False  # gone meanwhile
+    return status.get("State", "").strip()[:1] not in ("Z", "X") and str(uid) in status.get("Uid", "").split()[:2]
+
+
+def _kill(pid: int, uid: int) -> bool:
+    """SIGKILL `pid` if it is still a process of `uid`. Through a pidfd, checked once it is open, so that a pid
+    reused by another process since the scan is never signalled."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    except OSError:  # no pidfds (Linux before 5.3): a plain kill, with the pid-reuse race that implies
+        fd = None
+    try:
+        if not _belongs(pid, uid):
+            return False
+        if fd is None:
+            os.kill(pid, signal.SIGKILL)
+        else:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def kill_uid(uid: int, timeout: float = 5.0) -> int:
+    """SIGKILL every process whose real (or effective) uid is `uid`, scanning /proc again until a scan finds
+    none or `timeout` seconds pass; returns how many processes were killed.
+
+    Every run has a uid of its own (`allocate_uid`), so this ends exactly what the run left behind. Without
+    bubblewrap (sandbox `setpriv`) it is the only exact way: a process of the agent that calls `setsid` (or
+    forks twice and calls it) leaves the session's process group and outlives the group kill, and the run's
+    uid is all that still marks it (under bubblewrap the session's pid namespace ends with the agent). Call
+    it only when nothing of the run may live: after a session, with no experiment in flight (the training
+    children run as the same uid). Zombies are dead already and are passed over. Root and the daemon's own
+    uid are refused. The uids are one per run *of a home*: runs of two homes on one machine that share a
+    uid would end each other's processes (and could read each other's files anyway).
+    """
+    if uid in (0, os.getuid(), os.geteuid()):
+        raise SandboxError(f"kill_uid({uid}): not a run's own uid")
+    killed: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [int(p) for p in os.listdir("/proc") if p.isdigit() and _belongs(p, uid)]
+        if not found:
+            return len(killed)
+        killed.update(pid for pid in found if _kill(pid, uid))
+        if time.monotonic() > deadline:
+            return len(killed)
+        time.sleep(0.01)

@@ -25,7 +25,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from rloopd import __version__, control
 from rloopd.errors import RloopdError
 from rloopd.history import run_state
-from rloopd.home import Home
+from rloopd.home import Home, secure_home
 from rloopd.lock import HomeLock
 from rloopd.log import Event, NewEvent
 from rloopd.loop import Loop, LoopOptions, Stop
@@ -67,6 +67,9 @@ class Daemon:
         self.lock.acquire("daemon")
         self.server = self.serve_socket()
         foreign = imported_streams(self.home.log)  # imported runs are records of work done elsewhere
+        secure_home(self.home_path)  # the lock and the socket are new; Home.open did the rest
+        for c in self.home.log.runs():  # an older home's run directories, finished runs' included
+            self.home.secure_run(c.stream, {"sandbox": "none"} if c.stream in foreign else c.data)
         recovered = [c.stream for c in self.home.log.runs()
                      if c.stream not in foreign and run_state(self.home.log, c.stream).status == "running"]
         self.home.log.append_one("home", "daemon.started", {

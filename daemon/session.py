@@ -6,7 +6,9 @@ the loop asks it to end (`window`, `paused`, `stopped`, or `daemon-restart` at s
 process group gets SIGTERM and, after `grace` seconds, SIGKILL. A process that cannot be started (a
 missing command) ends the session at once with reason `error` and says why. Output beyond `max_output`
 bytes is counted but not kept (the first half and the last half of the cap are kept), so an agent that
-floods its output cannot fill the disk; stdout and stderr are interleaved as they arrive.
+floods its output cannot fill the disk; stdout and stderr are interleaved as they arrive. The partial line
+at each edge of the cut goes too (at most `EDGE` bytes): output is redacted after it is capped, and a key
+cut in two would leave halves that no pattern recognises.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-STOP_REASONS = {"window": "window", "paused": "paused", "stopped": "stopped", "shutdown": "daemon-restart"}
+STOP_REASONS = {"window": "window", "paused": "paused", "stopped": "stopped", "shutdown": "daemon-restart",
+                "spend-cap": "spend-cap"}
+MAX_LINE = 8 << 20  # a longer line of a JSON stream is handed on cut (and so recorded as unreadable)
+EDGE = 4096  # the most dropped at each edge of a cut: a one-line secret shorter than this goes whole
 
 
 @dataclass
@@ -35,6 +40,10 @@ class SessionSpec:
     max_output: int = 16 << 20
     prefix: tuple[str, ...] = ()  # the sandbox command the agent runs under
     waiting: Callable[[], bool] | None = None  # True while the agent waits on the daemon (its clocks pause)
+    reap: Callable[[], None] | None = None  # ends what left the process group (setsid), e.g. by the run's uid
+    stdin: Path | None = None  # a file given as standard input (the prompt, for the CLIs); else /dev/null
+    on_line: Callable[[bytes], None] | None = None  # each line of stdout as it arrives (a JSON event stream)
+    separate_stderr: bool = False  # keep stderr apart (SessionResult.errors), so stdout stays the stream
 
 
 @dataclass
@@ -45,6 +54,7 @@ class SessionResult:
     output_bytes: int  # everything the agent printed, kept or not
     seconds: float
     detail: str = ""
+    errors: bytes = b""  # stderr, when kept apart (capped like the output)
 
     @property
     def truncated(self) -> bool:
@@ -56,6 +66,7 @@ class _Capture:
 
     def __init__(self, cap: int):
         self.cap, self.head, self.tail, self.total = cap, bytearray(), bytearray(), 0
+        self.cut_at_newline = False  # the last byte dropped before the tail ended a line
 
     def add(self, data: bytes) -> None:
         self.total += len(data)
@@ -65,13 +76,24 @@ class _Capture:
             data = data[room:]
         if data:
             self.tail += data
-            del self.tail[: max(0, len(self.tail) - self.cap // 2)]
+            excess = len(self.tail) - self.cap // 2
+            if excess > 0:
+                self.cut_at_newline = self.tail[excess - 1] == ord("\n")
+                del self.tail[:excess]
 
     def value(self) -> bytes:
+        """Head and tail with the partial lines at the cut dropped, so that no fragment of a secret cut in
+        two is left for the redactor to miss; where no newline is within `EDGE` bytes, `EDGE` bytes go."""
         if self.total <= len(self.head) + len(self.tail):
             return bytes(self.head + self.tail)
-        skipped = self.total - len(self.head) - len(self.tail)
-        return bytes(self.head) + f"\n[rloopd: {skipped} bytes of output not kept]\n".encode() + bytes(self.tail)
+        head, tail = bytes(self.head), bytes(self.tail)
+        end = head.rfind(b"\n", max(0, len(head) - EDGE))
+        head = head[:end + 1] if end >= 0 else head[:max(0, len(head) - EDGE)]
+        if not self.cut_at_newline:
+            start = tail.find(b"\n", 0, EDGE)
+            tail = tail[start + 1:] if start >= 0 else tail[EDGE:]
+        skipped = self.total - len(head) - len(tail)
+        return head + f"\n[rloopd: {skipped} bytes of output not kept]\n".encode() + tail
 
 
 def _descendants(pid: int) -> list[int]:
@@ -122,19 +144,30 @@ def run_session(spec: SessionSpec, stop: threading.Event | None = None,
     """Run the session to its end (see the module docstring); never raises for the agent's failures."""
     t0 = time.monotonic()
     try:
-        proc = subprocess.Popen([*spec.prefix, *spec.argv], cwd=spec.cwd, env=spec.env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        stdin = open(spec.stdin, "rb") if spec.stdin is not None else subprocess.DEVNULL  # noqa: SIM115
+        try:
+            proc = subprocess.Popen([*spec.prefix, *spec.argv], cwd=spec.cwd, env=spec.env, stdin=stdin,
+                                    stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE if spec.separate_stderr else subprocess.STDOUT,
+                                    start_new_session=True)
+        finally:
+            if stdin is not subprocess.DEVNULL:
+                stdin.close()
     except OSError as e:
         return SessionResult("error", None, b"", 0, time.monotonic() - t0,
                              f"cannot start {spec.argv[0]!r}: {e.strerror or e}")
-    capture = _Capture(spec.max_output)
+    streams = {proc.stdout: _Capture(spec.max_output)}
+    if spec.separate_stderr:
+        streams[proc.stderr] = _Capture(spec.max_output)
+    lines = _Lines(spec.on_line) if spec.on_line is not None else None
     sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    os.set_blocking(proc.stdout.fileno(), False)
-    reason, detail, last_output, term_at = None, "", t0, None
+    for stream in streams:
+        sel.register(stream, selectors.EVENT_READ)
+        os.set_blocking(stream.fileno(), False)
+    reason, detail, last_output, term_at, exited_at = None, "", t0, None, None
     try:
-        open_pipe = True
-        while open_pipe or proc.poll() is None:
+        open_pipes = set(streams)
+        while open_pipes or proc.poll() is None:
             now = time.monotonic()
             if spec.waiting is not None and spec.waiting():
                 last_output = now  # waiting for an experiment is not silence
@@ -151,29 +184,65 @@ def run_session(spec: SessionSpec, stop: threading.Event | None = None,
             elif term_at is not None and now - term_at > spec.grace and proc.poll() is None:
                 _signal_group(proc, signal.SIGKILL)
                 term_at = None
-            if open_pipe:
-                for _ in sel.select(timeout=0.05):
+            if open_pipes:
+                for key, _ in sel.select(timeout=0.05):
                     try:
-                        data = proc.stdout.read(1 << 16)
+                        data = key.fileobj.read(1 << 16)
                     except BlockingIOError:
                         continue
                     if not data:
-                        open_pipe = False
-                        sel.unregister(proc.stdout)
-                        break
-                    capture.add(data)
+                        open_pipes.discard(key.fileobj)
+                        sel.unregister(key.fileobj)
+                        continue
+                    streams[key.fileobj].add(data)
+                    if lines is not None and key.fileobj is proc.stdout:
+                        lines.add(data)
                     last_output = time.monotonic()
-                if not open_pipe:
+                if not open_pipes:
                     continue
-                if proc.poll() is not None and reason is None:
-                    # The agent exited; children it left behind hold the pipe open: end them, read the rest.
+                if proc.poll() is not None:
+                    # The agent exited; processes it left behind hold the pipe open: end them (those that
+                    # left the group too, through `reap`), read the rest; one that cannot be ended is
+                    # abandoned after the grace period, so the session ends whatever it left running.
                     _signal_group(proc, signal.SIGKILL)
+                    if exited_at is None and spec.reap is not None:
+                        spec.reap()
+                    exited_at = exited_at or now
+                    if now - exited_at > max(spec.grace, 1.0):
+                        open_pipes.clear()
+                        detail = detail or "processes the agent left behind kept its output open; abandoned"
             else:
                 time.sleep(0.05)
     finally:
         sel.close()
         _signal_group(proc, signal.SIGKILL)  # nothing of the session outlives it
         proc.wait()
-        proc.stdout.close()
-    code = proc.returncode
-    return SessionResult(reason or "agent-exit", code, capture.value(), capture.total, time.monotonic() - t0, detail)
+        for stream in streams:
+            stream.close()
+        if lines is not None:
+            lines.close()  # a last line without its newline (a stream cut mid-line) is handed on as it is
+    code, out = proc.returncode, streams[proc.stdout]
+    errors = streams[proc.stderr].value() if spec.separate_stderr else b""
+    return SessionResult(reason or "agent-exit", code, out.value(), out.total, time.monotonic() - t0, detail, errors)
+
+
+class _Lines:
+    """Splits a byte stream into lines for a callback; a line longer than MAX_LINE is handed on cut."""
+
+    def __init__(self, callback: Callable[[bytes], None]):
+        self.callback, self.buffer = callback, bytearray()
+
+    def add(self, data: bytes) -> None:
+        self.buffer += data
+        while (end := self.buffer.find(b"\n")) >= 0:
+            line = bytes(self.buffer[:end])
+            del self.buffer[:end + 1]
+            self.callback(line)
+        if len(self.buffer) > MAX_LINE:
+            self.callback(bytes(self.buffer))
+            self.buffer.clear()
+
+    def close(self) -> None:
+        if self.buffer:
+            self.callback(bytes(self.buffer))
+            self.buffer.clear()

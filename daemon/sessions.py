@@ -24,23 +24,28 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import shutil
 import sys
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rloopd.agents import check_agent
+from rloopd.agents.cli import KINDS as CLI_KINDS
+from rloopd.agents.cli import parse_cli
 from rloopd.agents.cmd import DEFAULT_PROMPT, parse_cmd, render_prompt
-from rloopd.lab import matching_files
+from rloopd.agents.streams import Act, StreamParser
+from rloopd.lab import matches
 from rloopd.log import NewEvent, new_id
 from rloopd.memory.rundir import CHECKPOINT, frozen_dest, materialize_frozen, write_atomic
 from rloopd.redact import Redactor
 from rloopd.runner import Interrupted
 from rloopd.runs import prompt_template
 from rloopd.runsocket import RunSocket, SubmitRefused
-from rloopd.sandbox import SessionLimits, give_to, session_sandbox
+from rloopd.sandbox import SessionLimits, give_to, kill_uid, session_sandbox
 from rloopd.session import SessionSpec, run_session
-from rloopd.snapshots import workspace_files
+from rloopd.snapshots import Snapshots, put_file, read_tree
 
 if TYPE_CHECKING:
     from rloopd.loop import Loop
@@ -52,7 +57,15 @@ class SessionDriver:
     def __init__(self, loop: Loop):
         self.loop, self.home, self.run_id = loop, loop.home, loop.run_id
         self.cfg = loop.lab.agent
-        self.agent = parse_cmd(loop.created["agent"])
+        spec = loop.created["agent"]
+        self.cli = parse_cli(spec, self.cfg) if check_agent(spec) in CLI_KINDS else None
+        self.agent = parse_cmd(spec) if self.cli is None else None
+        self.parser: StreamParser | None = None
+        self.acts: list[Act] = []
+        self.acts_lock = threading.Lock()
+        self.provider_errors = 0
+        self.cli_version: str | None = None
+        self.end, self.end_reason = threading.Event(), {"why": "stopped"}
         self.uid = loop.created.get("uid") if os.geteuid() == 0 and loop.created.get("sandbox") != "none" else None
         self.dir = self.home.path / "sessions" / self.run_id
         self.busy = threading.Lock()
@@ -68,49 +81,53 @@ class SessionDriver:
 
     def run_one(self) -> None:
         loop = self.loop
-        if self.empty:
-            delay = self.cfg.backoff * 2 ** (self.empty - 1)
-            if loop.stop.event.wait(delay):
-                raise Interrupted("stopped between sessions")
+        waits = [self.cfg.backoff * 2 ** (k - 1) for k in (self.empty, self.provider_errors) if k]
+        if waits and loop.stop.event.wait(max(waits)):
+            raise Interrupted("stopped between sessions")
+        if self.over_spend_cap() is not None:
+            return loop.finish_run("spend-cap") if loop.state.status == "running" else None
         n = loop.state.sessions + 1
         steps_before = loop.state.step
         env = self.environment(n)
         self.redactor = Redactor(env)
         prompt = self.dir / "prompt.md"
         write_atomic(prompt, self.prompt(n).encode(), 0o444)
-        give_to(self.uid, self.dir / "home", self.dir / "tmp", prompt)
         run_dir = loop.run_dir
-        argv = self.agent.command(str(prompt), str(run_dir), n)
-        program = Path(argv[0]) if "/" in argv[0] else None
-        if program is not None and not program.is_absolute():  # a script of the lab's, e.g. ./agent.sh
-            program = Path(loop.created["lab"]) / program
-        if program is not None and program.is_file():
-            argv[0] = str(program.resolve())
+        argv, expose, missing = self.command(n, prompt, env)
+        give_to(self.uid, self.dir / "home", self.dir / "tmp", prompt)
         self.program_at_start = loop.state.program_blob
-        loop.append(NewEvent("session.started", {"session": n, "agent": self.agent.spec,
-                                                 "program_blob": loop.state.program_blob}))
-        if (program is None and shutil.which(argv[0], path=env["PATH"]) is None) or \
-                (program is not None and not program.is_file()):
-            return self.cannot_start(n, f"cannot start {argv[0]!r}: no such program")
+        started: dict[str, Any] = {"session": n, "agent": loop.created["agent"],
+                                   "program_blob": loop.state.program_blob}
+        if self.cli is not None and not missing:
+            if self.cli_version is None:
+                self.cli_version = self.cli.version(argv[0]) or ""
+            started["agent_version"] = self.cli_version or None
+        loop.append(NewEvent("session.started", started))
+        if missing:
+            return self.cannot_start(n, missing)
         self.session = n
+        self.parser = self.cli.parser() if self.cli is not None else None
         give_to(self.uid, run_dir / "workspace", run_dir / "memory" / "notes.md", run_dir / "memory" / "artifacts")
         sock = RunSocket(self.dir / "rloopd.sock", {"submit": self.submit, "result": self.result}, uid=self.uid)
         box = session_sandbox(self.uid, home=self.home.path, run_dir=run_dir, session_dir=self.dir,
                               hide=(Path(loop.created["lab"]),),
                               kind=loop.created.get("sandbox", "auto"),
                               limits=SessionLimits(self.cfg.processes, self.cfg.memory_mb, self.cfg.file_mb),
-                              expose=(Path(argv[0]),) if program is not None and program.is_file() else ())
-        end, reason = threading.Event(), {"why": "stopped"}
+                              expose=expose)
+        self.end, self.end_reason = threading.Event(), {"why": "stopped"}
         watching = threading.Event()
-        watcher = threading.Thread(target=self._watch, args=(end, reason, watching), daemon=True)
+        watcher = threading.Thread(target=self._watch, args=(self.end, self.end_reason, watching), daemon=True)
         watcher.start()
         try:
             result = run_session(SessionSpec(
                 argv, run_dir, env, timeout=self.cfg.session_timeout,
                 quiet_timeout=self.cfg.quiet_timeout, grace=self.cfg.grace,
                 max_output=int(self.cfg.max_output_mb * (1 << 20)), prefix=tuple(box.prefix),
-                waiting=self.busy.locked),
-                stop=end, stop_reason=lambda: reason["why"])
+                waiting=self.busy.locked, reap=self._reaper(box.kind),
+                stdin=prompt if self.cli is not None else None,
+                on_line=self._on_line if self.parser is not None else None,
+                separate_stderr=self.parser is not None),
+                stop=self.end, stop_reason=lambda: self.end_reason["why"])
         finally:
             watching.set()
             sock.close()
@@ -119,21 +136,138 @@ class SessionDriver:
                 pass
             for thread in list(self.pending.values()):
                 thread.join()
+            if (reap := self._reaper(box.kind)) is not None:
+                reap()  # what left the group with setsid; no experiment is in flight now
+        parser, self.parser = self.parser, None
+        if parser is not None:
+            with self.acts_lock:
+                self.acts += parser.finish()
+        self.flush_acts(n)
+        self.clean(home_too=False)  # the private temporary directory lives one session
         self.capture_memory(n)
         self.check_integrity(None)  # also when the session ends without a submit (window, pause, stop)
-        stopping = loop.stop.is_set() or result.reason in ("window", "paused", "stopped", "daemon-restart")
+        reason, detail = result.reason, result.detail
+        if parser is not None and reason == "agent-exit" and parser.failure:
+            reason, detail = parser.failure, parser.failure_detail  # the CLI gave up: say why, not a restart
+        stopping = loop.stop.is_set() or reason in ("window", "paused", "stopped", "daemon-restart", "spend-cap")
         left = loop.window_left()
         if not stopping and (left is None or left > 0) and self.unsubmitted():
             self.run_submit(n, f"changes left in the workspace at the end of session {n}", new_id()[:12])
         self.restore_run_dir(n)
         output = self.redactor.redact(result.output)
-        if result.detail:
-            output += f"\n[rloopd: {result.detail}]\n".encode()
-        loop.append(NewEvent("session.ended", {"session": n, "exit_code": result.exit_code, "reason": result.reason,
-                                               "output_blob": self.home.blobs.put(output)}))
+        if detail and parser is None:
+            output += f"\n[rloopd: {detail}]\n".encode()
+        ended: dict[str, Any] = {"session": n, "exit_code": result.exit_code, "reason": reason,
+                                 "output_blob": self.home.blobs.put(output)}
+        if parser is not None:
+            errors = self.redactor.redact(result.errors) + (f"\n[rloopd: {detail}]\n".encode() if detail else b"")
+            ended.update(usage=parser.usage, cost_usd=parser.cost_usd,
+                         stderr_blob=self.home.blobs.put(errors) if errors else None)
+        loop.append(NewEvent("session.ended", ended))
         if loop.stop.is_set():
-            raise Interrupted(f"session {n} ended: {result.reason}")
+            raise Interrupted(f"session {n} ended: {reason}")
+        if reason == "spend-cap" or self.over_spend_cap() is not None:
+            return loop.finish_run("spend-cap")
+        if reason == "provider-error":  # retried after a backoff; not a restart, not an empty session
+            self.provider_errors += 1
+            if self.provider_errors >= self.cfg.provider_cap:
+                loop.finish_run("provider-error")
+            return None
+        self.provider_errors = 0
         self.count(empty=loop.state.step == steps_before)
+        return None
+
+    def command(self, n: int, prompt: Path, env: dict[str, str]) -> tuple[list[str], tuple[Path, ...], str]:
+        """(argv, paths the sandbox must show, why it cannot start or ""), and the CLI's environment."""
+        run_dir = self.loop.run_dir
+        if self.cli is not None:
+            budget = self.loop.lab.budget_seconds
+            env.update(self.cli.environment(self.dir / "home", budget_seconds=budget))
+            left = None if self.cli.max_usd is None else self.cli.max_usd - self.loop.state.spent_usd
+            argv = self.cli.command(str(run_dir), budget_seconds=budget, usd_left=left)
+            found = self.cli.installed(env["PATH"])
+            if found is None:
+                return argv, (), (f"cannot start {self.cli.program!r}: not installed on the daemon's PATH (install "
+                                  f"the {'@openai/codex' if self.cli.kind == 'codex' else '@anthropic-ai/claude-code'} "
+                                  f"npm package, or set [agent] binary)")
+            argv[0] = found
+            root = next((p for p in Path(found).parents if p.name == "node_modules"), Path(found).parent)
+            return argv, (root,), ""
+        argv = self.agent.command(str(prompt), str(run_dir), n)
+        program = self.recorded_program() or (Path(argv[0]) if "/" in argv[0] else None)
+        if program is not None and not program.is_absolute():  # a script of the lab's, e.g. ./agent.sh
+            program = Path(self.loop.created["lab"]) / program
+        if program is not None and program.is_file():
+            argv[0] = str(program.resolve())
+            return argv, (Path(argv[0]),), ""
+        if program is not None or shutil.which(argv[0], path=env["PATH"]) is None:
+            return argv, (), f"cannot start {argv[0]!r}: no such program"
+        return argv, (), ""
+
+    def over_spend_cap(self) -> str | None:
+        """What the run has spent past its cap, in words, or None."""
+        s, cli = self.loop.state, self.cli
+        if cli is None:
+            return None
+        tokens = s.spent_tokens + (self.parser.tokens if self.parser is not None else 0)
+        usd = s.spent_usd + ((self.parser.cost_usd or 0.0) if self.parser is not None else 0.0)
+        if cli.max_tokens is not None and tokens >= cli.max_tokens:
+            return f"{tokens} tokens of {cli.max_tokens}"
+        if cli.max_usd is not None and usd >= cli.max_usd:
+            return f"${usd:.4f} of ${cli.max_usd:g}"
+        return None
+
+    def _on_line(self, line: bytes) -> None:
+        """A line of the CLI's stream (on the session's thread): parsed into acts, kept until the next
+        submit or the session's end writes them (the log is written by one thread at a time)."""
+        acts = self.parser.feed(line)
+        with self.acts_lock:
+            self.acts += acts
+        if self.over_spend_cap() is not None and not self.end.is_set():
+            self.end_reason["why"] = "spend-cap"
+            self.end.set()
+
+    def flush_acts(self, n: int | None) -> None:
+        """Write the acts parsed so far as `agent.acted` events, redacted."""
+        with self.acts_lock:
+            acts, self.acts = self.acts, []
+        if not acts:
+            return
+        events = []
+        for act in acts:
+            summary = act.summary.replace(f"{self.loop.run_dir}/", "")  # paths as the run directory has them
+            data: dict[str, Any] = {"session": n or 0, "kind": act.kind,
+                                    "summary": self.redactor.redact_text(summary)}
+            if act.detail:
+                data["detail_blob"] = self.home.blobs.put_text(self.redactor.redact_text(act.detail))
+            events.append(NewEvent("agent.acted", data))
+        self.loop.append(*events)
+
+    def _reaper(self, kind: str):
+        """Ends every process of the run's uid, for a session without bubblewrap (whose pid namespace ends
+        them all by itself): processes that left the group with `setsid`. Never while an experiment of the
+        run is in flight: its training children run as the same uid."""
+        if self.uid is None or kind == "bwrap":
+            return None
+        return lambda: None if self.busy.locked() else kill_uid(self.uid)
+
+    def clean(self, home_too: bool) -> None:
+        """Remove what the agent left in its temporary directory (each session) and its HOME (when the run
+        finishes): it may hold what the agent wrote about its credentials, and is in no projection."""
+        for d in ("tmp", "home") if home_too else ("tmp",):
+            shutil.rmtree(self.dir / d, ignore_errors=True)  # by file descriptor: links are not followed
+
+    def recorded_program(self) -> Path | None:
+        """The agent's script as recorded on run.created (`agent_files`), written read-only into the
+        session's directory (which the sandbox shows): sessions run the recorded bytes, not the lab's."""
+        entry = next(iter(self.loop.created.get("agent_files") or []), None)
+        if entry is None:
+            return None
+        dest = self.dir / "bin" / Path(entry["path"]).name
+        data = self.home.blobs.get(entry["blob"])
+        if not dest.is_file() or dest.read_bytes() != data:
+            write_atomic(dest, data, 0o555)
+        return dest
 
     def cannot_start(self, n: int, why: str) -> None:
         self.loop.append(NewEvent("session.ended", {"session": n, "exit_code": None, "reason": "error",
@@ -167,7 +301,11 @@ class SessionDriver:
         bindir = str(Path(sys.executable).parent)
         env.update(PATH=f"{bindir}:{env.get('PATH', '/usr/bin:/bin')}", HOME=str(self.dir / "home"),
                    TMPDIR=str(self.dir / "tmp"), RLOOPD_SOCKET=str(self.dir / "rloopd.sock"),
-                   RLOOPD_RUN=self.run_id, RLOOPD_SESSION=str(n), IS_SANDBOX="1")
+                   RLOOPD_RUN=self.run_id, RLOOPD_SESSION=str(n), IS_SANDBOX="1", SHELL="/bin/bash")
+        # the CLIs run commands in login shells, whose /etc/profile resets PATH: this HOME's profile puts
+        # back the one `rloopd submit` is found on
+        profile = f"export PATH={shlex.quote(env['PATH'])}\n"
+        write_atomic(self.dir / "home" / ".bash_profile", profile.encode())
         return env
 
     def prompt(self, n: int) -> str:
@@ -176,7 +314,8 @@ class SessionDriver:
         program = self.home.blobs.get_text(loop.state.program_blob) if loop.state.program_blob else ""
         memory = loop.run_dir / "memory"
         results = (memory / "results.tsv").read_text() if (memory / "results.tsv").exists() else ""
-        notes = (memory / "notes.md").read_text(errors="replace") if (memory / "notes.md").exists() else ""
+        mode, raw = read_tree(memory, only="notes.md").get("notes.md", ("", b""))  # never through a link
+        notes = raw.decode(errors="replace") if mode != "120000" else ""
         return render_prompt(template, program=program, results=results, notes=notes, session=n,
                              window_left=loop.window_left(), budget=loop.created["budget"])
 
@@ -263,6 +402,7 @@ class SessionDriver:
         """Capture memory, check integrity, snapshot the workspace and record the submit: after this the
         ticket the agent holds names an event in the log."""
         loop = self.loop
+        self.flush_acts(n)  # what the agent did before it submitted, in order
         self.capture_memory(n)
         step = loop.state.step + 1
         self.check_integrity(step)
@@ -314,18 +454,16 @@ class SessionDriver:
         """notes.md and files under memory/artifacts/ that differ from the log become `memory.written`."""
         memory = self.loop.run_dir / "memory"
         known = dict(self.loop.fold.mem.files)
-        found: dict[str, Path] = {}
-        notes = memory / "notes.md"
-        if notes.is_file() and not notes.is_symlink():
-            found["notes.md"] = notes
-        artifacts = memory / "artifacts"
-        if artifacts.is_dir():
-            for path in sorted(artifacts.rglob("*")):
-                if path.is_file() and not path.is_symlink():
-                    found[path.relative_to(memory).as_posix()] = path
+        # read by file descriptor, links never followed: the agent may still be swapping entries, and a
+        # link read as root would copy a file it may not read into its own notes
+        found = {f"artifacts/{rel}": data for rel, (mode, data) in read_tree(memory / "artifacts").items()
+                 if mode != "120000"} if (memory / "artifacts").is_dir() else {}
+        notes = read_tree(memory, only="notes.md").get("notes.md")
+        if notes is not None and notes[0] != "120000":
+            found = {"notes.md": notes[1], **found}
         events = []
-        for rel, path in found.items():
-            data = self.redactor.redact(path.read_bytes())
+        for rel, raw in sorted(found.items()):
+            data = self.redactor.redact(raw)
             digest = hashlib.sha256(data).hexdigest()
             if known.get(rel) != digest and not (rel == "notes.md" and rel not in known and not data):
                 blob = self.home.blobs.put(data)
@@ -339,30 +477,32 @@ class SessionDriver:
             self.loop.append(*events)
 
     def check_integrity(self, step: int | None) -> None:
-        """Files of the workspace outside the editable globs are put back to the best commit and recorded."""
+        """Files of the workspace outside the editable globs that differ from the best commit (changed, added,
+        deleted, a mode or a link) are put back and recorded. The agent's processes may still run, so the
+        workspace is read and written only by file descriptor (`read_tree`, `put_file`): no link it plants
+        can steer the daemon's reads or writes outside the tree."""
         loop = self.loop
         workspace = loop.run_dir / "workspace"
-        allowed = matching_files(loop.run_dir, loop.lab.editable)  # the globs are relative to a lab root
         best = loop.state.best_commit or loop.state.base_commit
-        changed = [rel for rel in workspace_files(workspace) if f"workspace/{rel}" not in allowed]
-        outside = [rel for rel in changed if not self._same_as(best, rel, workspace / rel)]
+        recorded = self.home.snapshots.ls(best)
+        current = read_tree(workspace)
+        outside = []
+        for rel in sorted(set(recorded) | set(current)):
+            if matches(loop.lab.editable, f"workspace/{rel}"):
+                continue
+            have, want = current.get(rel), recorded.get(rel)
+            if have is None or want is None or have[0] != want[0] or Snapshots.blob_sha(have[1]) != want[1]:
+                outside.append(rel)
         if not outside:
             return
-        for rel in outside:
-            (workspace / rel).unlink(missing_ok=True)
-            try:
-                write_atomic(workspace / rel, self.home.snapshots.read(best, rel))
-            except Exception:  # noqa: BLE001 - not in the best commit: removing it is the revert
-                pass
+        for rel in sorted(outside, key=lambda r: r in recorded):  # removals first, then what the commit holds
+            want = recorded.get(rel)
+            data = self.home.snapshots.read(best, rel) if want else None
+            put_file(workspace, rel, data, mode=0o755 if want and want[0] == "100755" else 0o644,
+                     uid=self.uid, link=bool(want and want[0] == "120000"))
         loop.append(NewEvent("integrity.violated", {"step": step, "paths": [f"workspace/{r}" for r in outside],
                                                     "found": "files outside the editable globs changed",
                                                     "reverted": True}))
-
-    def _same_as(self, commit: str, rel: str, path: Path) -> bool:
-        try:
-            return self.home.snapshots.read(commit, rel) == path.read_bytes()
-        except Exception:  # noqa: BLE001 - absent from the commit: a new file
-            return False
 
     def restore_run_dir(self, n: int) -> None:
         """Without bubblewrap an agent can write outside its paths: put frozen/ and program.md back."""

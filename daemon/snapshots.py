@@ -14,8 +14,11 @@ Example:
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -40,20 +43,152 @@ class SnapshotError(RloopdError):
 
 def workspace_files(root: Path) -> list[str]:
     """Relative paths of the regular files and symlinks a snapshot takes, sorted."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not os.path.islink(os.path.join(dirpath, d)))
-        for d in list(os.listdir(dirpath)):
-            full = os.path.join(dirpath, d)
-            if os.path.islink(full) and os.path.isdir(full) and d not in SKIP_DIRS:
-                filenames.append(d)  # a symlink to a directory is stored as a link, not followed
-        for name in filenames:
-            if name.endswith(SKIP_SUFFIXES):
+    return sorted(read_tree(root, contents=False))
+
+
+def read_tree(root: Path, *, contents: bool = True, only: str | None = None) -> dict[str, tuple[str, bytes]]:
+    """{relative path: (git mode, bytes)} for the regular files and symlinks under `root` (a symlink's bytes
+    are its target), skipping `.git`, `__pycache__` and `*.pyc`; with `contents=False` the bytes are empty;
+    with `only`, just that one entry of `root` itself (nothing if it is missing or not a file or link).
+
+    An agent's processes may still run while the daemon (root) reads its workspace, and may swap a file or
+    a directory for a symlink to a file only root can read. Every step is therefore taken relative to an
+    open directory (`os.fwalk`) and every file is opened with O_NOFOLLOW and checked with fstat, so what is
+    read is always the tree's own entry: a link is recorded as a link, never followed.
+    """
+    found: dict[str, tuple[str, bytes]] = {}
+    if only is not None:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            entry = _read_entry(fd, only, contents)
+        finally:
+            os.close(fd)
+        return {only: entry} if entry is not None else {}
+    for dirpath, dirnames, filenames, dirfd in os.fwalk(root, follow_symlinks=False):
+        rel_dir = os.path.relpath(dirpath, root)
+        keep = []
+        for name in sorted(dirnames):
+            try:
+                st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+            except FileNotFoundError:
                 continue
-            full = os.path.join(dirpath, name)
-            if os.path.islink(full) or os.path.isfile(full):
-                found.append(os.path.relpath(full, root))
-    return sorted(set(found))
+            if stat.S_ISLNK(st.st_mode):
+                filenames.append(name)  # a symlink to a directory is stored as a link, not followed
+            elif name not in SKIP_DIRS:
+                keep.append(name)
+        dirnames[:] = keep
+        for name in filenames:
+            if name.endswith(SKIP_SUFFIXES) or name in SKIP_DIRS:
+                continue
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            entry = _read_entry(dirfd, name, contents)
+            if entry is not None:
+                found[rel] = entry
+    return found
+
+
+def _read_entry(dirfd: int, name: str, contents: bool) -> tuple[str, bytes] | None:
+    try:
+        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            return "120000", os.readlink(name, dir_fd=dirfd).encode() if contents else b""
+        if not stat.S_ISREG(st.st_mode):
+            return None  # a fifo, socket or device is not part of a snapshot
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dirfd)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        try:  # swapped for a link since the stat: record the link
+            return "120000", os.readlink(name, dir_fd=dirfd).encode() if contents else b""
+        except OSError:
+            return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        mode = "100755" if st.st_mode & stat.S_IXUSR else "100644"
+        if not contents:
+            return mode, b""
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return mode, b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def put_file(root: Path, rel: str, data: bytes | None, *, mode: int = 0o644, uid: int | None = None,
+             link: bool = False) -> None:
+    """Make `root/rel` hold `data` (None: remove it; `link`: a symlink to `data`), as root, safely while
+    untrusted processes write the tree.
+
+    Each directory on the way is opened relative to the one before with O_NOFOLLOW; a component that is a
+    link or a file is removed and made a directory; the entry itself is removed (a directory recursively,
+    by file descriptor) and created with O_EXCL|O_NOFOLLOW. Nothing can steer the write outside `root`.
+    `uid`: owner of what is created (the run's uid, so the agent can go on editing it).
+    """
+    parts = rel.split("/")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for part in parts[:-1]:
+            fd = _enter(fd, part, create=data is not None, uid=uid)
+            if fd is None:
+                return  # a parent is missing: nothing to remove
+        _remove_entry(fd, parts[-1])
+        if data is None:
+            return
+        if link:
+            os.symlink(data.decode(), parts[-1], dir_fd=fd)
+            if uid is not None and os.geteuid() == 0:
+                os.chown(parts[-1], uid, uid, dir_fd=fd, follow_symlinks=False)
+            return
+        out = os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
+                      dir_fd=fd)
+        try:
+            os.fchmod(out, mode)  # the umask must not drop the executable bit git recorded
+            if uid is not None and os.geteuid() == 0:
+                os.fchown(out, uid, uid)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(out, view):]
+        finally:
+            os.close(out)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _enter(fd: int, name: str, *, create: bool, uid: int | None) -> int | None:
+    """Open directory `name` under `fd` (closing `fd`), replacing a link or file there when `create`."""
+    try:
+        try:
+            return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        except OSError as e:  # ENOTDIR: a file; ELOOP: a link (O_NOFOLLOW); ENOENT: nothing
+            if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                raise
+            if not create:
+                return None
+            if e.errno != errno.ENOENT:
+                os.unlink(name, dir_fd=fd)
+        os.mkdir(name, 0o755, dir_fd=fd)
+        if uid is not None and os.geteuid() == 0:
+            os.chown(name, uid, uid, dir_fd=fd, follow_symlinks=False)
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_entry(fd: int, name: str) -> None:
+    try:
+        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=fd)  # by file descriptor: links inside are removed, not followed
+    else:
+        os.unlink(name, dir_fd=fd)
 
 
 class Snapshots:
@@ -77,20 +212,20 @@ class Snapshots:
 
     def commit(self, workspace: Path, *, run: str, ref: str, message: str, parent: str | None = None) -> str:
         """Snapshot `workspace` as a commit (child of `parent`), pin it under refs/rloopd/<run>/<ref>."""
-        workspace = Path(workspace)
-        paths = workspace_files(workspace)
+        tree_files = read_tree(Path(workspace))
         entries = []
-        regular = [p for p in paths if not os.path.islink(workspace / p)]
-        if regular:
-            listing = "\n".join(str(workspace / p) for p in regular).encode()
-            shas = self._git("hash-object", "-w", "--no-filters", "--stdin-paths", input=listing).split()
-            for p, sha in zip(regular, shas, strict=True):
-                mode = "100755" if os.access(workspace / p, os.X_OK) else "100644"
-                entries.append(f"{mode} {sha.decode()}\t{p}")
-        for p in paths:
-            if os.path.islink(workspace / p):
-                sha = self._git("hash-object", "-w", "--stdin", input=os.readlink(workspace / p).encode())
-                entries.append(f"120000 {sha.decode().strip()}\t{p}")
+        if tree_files:
+            # the bytes were read safely (read_tree); git hashes copies in a private directory, never a
+            # path in the workspace, which could be a different file by the time git opens it
+            with tempfile.TemporaryDirectory(prefix="rloopd-snap-") as tmp:
+                names = []
+                for i, (_, data) in enumerate(tree_files.values()):
+                    (Path(tmp) / str(i)).write_bytes(data)
+                    names.append(str(Path(tmp) / str(i)))
+                shas = self._git("hash-object", "-w", "--no-filters", "--stdin-paths",
+                                 input="\n".join(names).encode()).split()
+            for (rel, (mode, _)), sha in zip(tree_files.items(), shas, strict=True):
+                entries.append(f"{mode} {sha.decode()}\t{rel}")
         with tempfile.TemporaryDirectory() as tmp:
             env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
             if entries:  # an empty workspace (e.g. a restore killed half-way) is the empty tree, not an error
@@ -105,17 +240,39 @@ class Snapshots:
         return commit
 
     def restore(self, commit: str, workspace: Path) -> None:
-        """Make `workspace` hold exactly the commit's files (an agent's own `.git` there is left alone)."""
+        """Make `workspace` hold exactly the commit's files (an agent's own `.git` there is left alone).
+
+        The commit is written to a private directory beside the workspace first; then, by file descriptor,
+        the workspace's entries are removed and the new ones renamed in. An agent process still running
+        cannot make this write outside the workspace (a rename never follows the link it replaces).
+        """
         workspace = Path(workspace)
         workspace.mkdir(parents=True, exist_ok=True)
-        for child in workspace.iterdir():
-            if child.name == ".git":
-                continue
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
-        self.export(commit, workspace)
+        staging = Path(tempfile.mkdtemp(prefix=".rloopd-restore-", dir=workspace.parent))
+        try:
+            self.export(commit, staging)
+            src = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            dst = os.open(workspace, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                for name in os.listdir(dst):
+                    if name != ".git":
+                        _remove_entry(dst, name)
+                for name in os.listdir(src):
+                    for _ in range(3):
+                        try:
+                            os.rename(name, name, src_dir_fd=src, dst_dir_fd=dst)
+                            break
+                        except OSError as e:  # the agent made an entry there meanwhile: ours wins
+                            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
+                                raise
+                            _remove_entry(dst, name)
+                    else:
+                        raise SnapshotError(f"cannot restore {workspace / name}: it keeps being recreated")
+            finally:
+                os.close(src)
+                os.close(dst)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def export(self, commit: str, dest: Path) -> None:
         """Write the commit's files under `dest` (which should be empty)."""
@@ -129,6 +286,16 @@ class Snapshots:
         if old is None:
             old = self._git("hash-object", "-t", "tree", "--stdin", input=b"").decode().strip()
         return self._git("diff-tree", "-p", "--no-color", "--no-ext-diff", old, new).decode(errors="replace")
+
+    def ls(self, commit: str) -> dict[str, tuple[str, str]]:
+        """{path: (git mode, blob sha)} of every file and link in the commit."""
+        out = self._git("ls-tree", "-r", "-z", "--full-tree", commit).decode()
+        found = {}
+        for item in filter(None, out.split("\0")):
+            meta, path = item.split("\t", 1)
+            mode, _, sha = meta.split()
+            found[path] = (mode, sha)
+        return found
 
     def read(self, commit: str, path: str) -> bytes:
         return self._git("cat-file", "blob", f"{commit}:{path}")
@@ -175,6 +342,11 @@ class Snapshots:
         under the same names; a ref that exists here with another commit is refused by git."""
         self._git("fetch", "--quiet", "--no-tags", "--no-write-fetch-head", str(Path(source).absolute()),
                   f"{pattern}:{pattern}")
+
+    @staticmethod
+    def blob_sha(data: bytes) -> str:
+        """git's id of a blob holding `data` (sha1 of its header and bytes), computed without git."""
+        return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
     def tree_equal(self, commit: str, workspace: Path) -> bool:
         """Whether the workspace holds exactly the commit's files (for recovery checks)."""

@@ -459,6 +459,7 @@ def project_imported(home: Home, streams: Iterable[str]) -> list[str]:
         events = history(home.log, run)
         state = fold(events)
         run_dir = home.run_dir(run)
+        home.secure_run(run, {"sandbox": "none"})  # a record of work done elsewhere: no uid of this home runs it
         home.snapshots.restore(state.best_commit or state.base_commit, run_dir / "workspace")
         materialize_frozen(run_dir, state.created.get("manifest", []), home.blobs)
         mem = MemoryFiles()

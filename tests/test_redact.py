@@ -31,6 +31,35 @@ def test_known_key_formats_are_replaced_without_a_variable():
     assert "export OPENAI_API_KEY=" in out  # the surrounding text stays readable
 
 
+def test_short_environment_values_are_left_alone_however_named():
+    """A session's environment is the daemon's (sessions.py): a value shorter than 8 characters under a
+    credential's name (a flag, a port) would redact ordinary text, so only longer ones are secrets."""
+    r = Redactor({"TOKENIZERS_PARALLELISM": "false", "AUTH_PORT": "8443", "SEVEN_KEY": "1234567",
+                  "EIGHT_KEY": "12345678"})
+    assert r.redact_text("false 8443 1234567 12345678") == "false 8443 1234567 [REDACTED:EIGHT_KEY]"
+
+
+KEY_BODY = ["MIIEowIBAAKCAQEAu1SU1LfVLPHCozMxH2Mo", "4lgOEePzNm0tRgeLezV6ffAt0gunVTLw7onL",
+            "Rnrq0/IzW7yWR7QkrmBL7jTKEn5u+qKhbwKf"]
+KEY = "-----BEGIN RSA PRIVATE KEY-----\n" + "\n".join(KEY_BODY) + "\n-----END RSA PRIVATE KEY-----"
+
+
+def test_part_of_a_private_key_is_redacted_too():
+    """`head` or `tail` of a key file, or a key that the output cap cut in two (session.py): its body goes."""
+    head, tail = KEY.split(KEY_BODY[1])
+    cut = f"ran: cat id_rsa\n{head}[rloopd: 9000 bytes of output not kept]\n{tail}\ndone.\n"
+    escaped = '{"text": "' + head.replace("\n", "\\n") + '"}\n'  # as in an agent's JSON stream
+    encrypted = "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,9F3\n\n" + head[32:]
+    for text in (cut, escaped, encrypted, "look: " + tail, "    " + KEY.replace("\n", "\n    ") + "\n"):
+        out = Redactor().redact_text(text)
+        assert not any(line[i:i + 8] in out for line in KEY_BODY for i in range(len(line) - 7)), out
+        assert "[REDACTED:private-key]" in out
+    out = Redactor().redact_text(cut)
+    assert out.startswith("ran: cat id_rsa\n[REDACTED:private-key][rloopd: 9000 bytes of output not kept]")
+    assert out.endswith("[REDACTED:private-key]\ndone.\n")
+    assert Redactor().redact_text(escaped) == '{"text": "[REDACTED:private-key]"}\n'
+
+
 def test_a_secret_containing_another_is_replaced_whole():
     r = Redactor({"A_TOKEN": "abcdefgh", "B_TOKEN": "abcdefgh-and-more"})
     assert r.redact_text("x abcdefgh-and-more y abcdefgh") == "x [REDACTED:B_TOKEN] y [REDACTED:A_TOKEN]"

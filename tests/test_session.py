@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 
-from rloopd.session import SessionSpec, run_session
+import pytest
+
+from rloopd.redact import Redactor
+from rloopd.session import EDGE, SessionSpec, run_session
 
 
 def spec(tmp_path, script: str, **kw) -> SessionSpec:
@@ -50,6 +54,48 @@ def test_a_flood_is_counted_but_not_kept(tmp_path):
     r = run_session(spec(tmp_path, "head -c 20000000 /dev/zero | tr '\\0' x", max_output=1 << 20))
     assert r.reason == "agent-exit" and r.output_bytes == 20_000_000 and r.truncated
     assert len(r.output) < (1 << 20) + 100 and b"bytes of output not kept" in r.output
+
+
+KEY = "sk-proj-" + "Ab3dEf6hIj9kLm2nOp5qRs8tUv1wZy4zQ7"
+PEM_BODY = ["MIIEowIBAAKCAQEAu1SU1LfVLPHCozMxH2Mo", "4lgOEePzNm0tRgeLezV6ffAt0gunVTLw7onL",
+            "Rnrq0/IzW7yWR7QkrmBL7jTKEn5u+qKhbwKf"]
+PEM = "-----BEGIN RSA PRIVATE KEY-----\n" + "\n".join(PEM_BODY) + "\n-----END RSA PRIVATE KEY-----"
+
+
+@pytest.mark.parametrize("filler, secret", [("lines", KEY), ("one-line", KEY), ("lines", PEM)])
+def test_a_secret_cut_by_the_cap_leaves_no_fragment(tmp_path, filler, secret):
+    """Output is redacted after it is capped (sessions.py): a key that straddles either edge of the cut must
+    go whole, or its halves would pass the redactor. One planted across each edge of a real flood."""
+    cap, half = 1 << 16, 1 << 15
+
+    def fill(n: int) -> bytes:
+        return ((b"x" * 99 + b"\n") * (n // 100 + 1))[:n] if filler == "lines" else b"." * n
+    planted = f" key={secret} ".encode()
+    data = fill(half - 20) + planted + fill(3_000_000) + planted + fill(half + 20 - len(planted))
+    (tmp_path / "flood").write_bytes(data)
+    r = run_session(spec(tmp_path, "cat flood", max_output=cap))
+    assert r.reason == "agent-exit" and r.output_bytes == len(data) and r.truncated
+
+    mark = re.search(rb"\n\[rloopd: (\d+) bytes of output not kept\]\n", r.output)
+    head, tail = r.output[:mark.start()], r.output[mark.end():]
+    assert data.startswith(head) and data.endswith(tail)
+    assert len(head) + int(mark.group(1)) + len(tail) == len(data)  # the mark says what was cut, exactly
+    if filler == "lines":  # the partial line at each edge goes, no more
+        assert head == data[:data.rindex(b"\n", 0, half) + 1]
+        assert tail == data[data.index(b"\n", len(data) - half) + 1:]
+    else:  # no newline near the edges: EDGE bytes each side
+        assert len(head) == len(tail) == half - EDGE
+
+    kept = r.output if secret == KEY else Redactor().redact(r.output)  # a PEM key's lines go by the redactor
+    fragments = {part[i:i + 8] for part in secret.split("\n") for i in range(len(part) - 7)}
+    assert not any(f.encode() in kept for f in fragments if f.strip("x.- "))
+
+
+def test_a_cut_that_falls_between_lines_drops_nothing_more(tmp_path):
+    data = b"".join(b"%09d\n" % i for i in range(10_000))
+    (tmp_path / "flood").write_bytes(data)
+    r = run_session(spec(tmp_path, "cat flood", max_output=1000))
+    assert r.output == data[:500] + b"\n[rloopd: 99000 bytes of output not kept]\n" + data[-500:]
 
 
 def test_children_left_behind_do_not_outlive_the_session(tmp_path):

@@ -155,12 +155,12 @@ def test_secrets_are_found_nowhere_in_the_home(home, tmp_path, monkeypatch):
     lab = lab_with_agent(tmp_path, """
 echo "my token is $SERVICE_TOKEN"
 echo "token: $SERVICE_TOKEN" >> memory/notes.md
-echo "sk-ant-api03-abcdefghijklmnopqrstuvwxyz0123" > memory/artifacts/found-a-key.txt
+echo "sk-ant-api03-$(echo 3210zyxwvutsrqponmlkjihgfedcba | rev)" > memory/artifacts/found-a-key.txt
 sed -i 's/^DEPTH = .*/DEPTH = 2/' workspace/train.py
 rloopd submit -m "depth 2 (token $SERVICE_TOKEN)"
 exit 0
 """, "empty_cap = 1\n")
-    run = start(home, lab, n=1)
+    run = start(home, lab, n=1)  # the script is recorded (a lab file), so it only makes the key when it runs
     Loop(home, run).run()
     assert events(home, run, "experiment.submitted")[0]["message"] == "depth 2 (token [REDACTED:SERVICE_TOKEN])"
     home.log.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -278,7 +278,7 @@ def test_escapes_fail_and_are_recorded(home, tmp_path, monkeypatch):
     from rloopd.runsocket import RunSocket
 
     other = start(home, lab_with_agent(tmp_path / "o", "exit 0\n"), n=0)
-    (home.path / "sessions" / other).mkdir(parents=True)
+    (home.path / "sessions" / other).mkdir(parents=True, exist_ok=True)  # made with the run, as its own
     other_sock = RunSocket(home.path / "sessions" / other / "rloopd.sock", {"submit": lambda a: {"hijacked": True}})
     monkeypatch.setenv("ESCAPE_HOME", str(home.path))
     monkeypatch.setenv("OTHER_RUN", other)
@@ -405,3 +405,65 @@ def test_a_fork_to_a_cmd_agent_checks_the_recorded_template(home, tmp_path):
     proc = rloopd("fork", parent, "1", "--agent", "cmd:./agent.sh {prompt_file}", home=home.path)
     assert proc.returncode == 2 and "unknown placeholder {history}" in proc.stderr and "prompt.md" in proc.stderr
     assert len(list(home.log.read())) == before
+
+
+def test_deleted_and_symlinked_non_editable_files_are_put_back_inside_the_workspace(home, tmp_path):
+    """A non-editable directory swapped for a link into memory/ must be restored inside the workspace: the
+    daemon (root) writes by file descriptor and never through the agent's link."""
+    lab = lab_with_agent(tmp_path, """
+rm workspace/data/table.txt
+rm workspace/notes.txt
+rmdir workspace/data
+ln -s ../memory/artifacts workspace/data
+sed -i 's/^DEPTH = .*/DEPTH = 4/' workspace/train.py
+rloopd submit -m "depth 4"
+exit 0
+""", "empty_cap = 1\n")
+    (lab / "workspace" / "data").mkdir()
+    (lab / "workspace" / "data" / "table.txt").write_text("frozen table\n")
+    (lab / "workspace" / "notes.txt").write_text("kept\n")
+    run = start(home, lab, n=1)
+    Loop(home, run).run()
+    [violated] = events(home, run, "integrity.violated")
+    assert violated["step"] == 1
+    assert set(violated["paths"]) == {"workspace/data", "workspace/data/table.txt", "workspace/notes.txt"}
+    ws = home.run_dir(run) / "workspace"
+    assert not (ws / "data").is_symlink() and (ws / "data" / "table.txt").read_text() == "frozen table\n"
+    assert (ws / "notes.txt").read_text() == "kept\n"
+    assert not (home.run_dir(run) / "memory" / "artifacts" / "table.txt").exists()
+    assert not any(e["path"].endswith("table.txt") for e in events(home, run, "memory.written"))
+    [decided] = [e for e in events(home, run, "experiment.decided") if e["step"] == 1]
+    commit = events(home, run, "experiment.started")[-1]["commit"]
+    assert home.snapshots.read(commit, "data/table.txt") == b"frozen table\n"
+
+
+def test_the_agent_script_is_recorded_and_sessions_run_the_recorded_bytes(home, tmp_path):
+    lab = lab_with_agent(tmp_path, 'echo "recorded script ran" >> memory/notes.md\nexit 0\n', "empty_cap = 1\n")
+    run = start(home, lab, n=1)
+    (lab / "agent.sh").write_text("#!/bin/sh\necho 'edited after creation' >> memory/notes.md\n")
+    [entry] = run_state(home.log, run).created["agent_files"]
+    assert entry["path"] == "agent.sh" and b"recorded script ran" in home.blobs.get(entry["blob"])
+    Loop(home, run).run()
+    notes = (home.run_dir(run) / "memory" / "notes.md").read_text()
+    assert "recorded script ran" in notes and "edited" not in notes
+    machine = runs.create_run(home, lab, agent="cmd:sh -c 'exit 0'", experiments=1, budget=None, seed=0,
+                              name=None)
+    assert run_state(home.log, machine).created["agent_files"] == []  # a program on PATH is not the lab's
+
+
+def test_notes_that_link_to_a_root_only_file_are_not_read_through(home, tmp_path):
+    """The daemon reads memory as root; a notes.md or artifact swapped for a link must not copy the target."""
+    private = tmp_path / "root-only.txt"
+    private.write_text("Zq9 root only Zq9\n")
+    private.chmod(0o600)
+    lab = lab_with_agent(tmp_path, f"""
+rm -f memory/notes.md
+ln -s {private} memory/notes.md
+ln -s {private} memory/artifacts/copy.txt
+exit 0
+""", "empty_cap = 1\n")
+    run = start(home, lab, n=1, sandbox="none")
+    Loop(home, run).run()
+    assert not [e for e in events(home, run, "memory.written") if e["blob"]]
+    grep = subprocess.run(["grep", "-r", "-l", "Zq9 root only", str(home.path)], capture_output=True, text=True)
+    assert grep.stdout == ""

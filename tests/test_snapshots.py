@@ -68,3 +68,36 @@ def test_an_emptied_workspace_is_the_empty_tree_and_restores(tmp_path):
     assert not snaps.tree_equal(c1, ws)
     snaps.restore(c1, ws)
     assert snaps.tree_equal(c1, ws)
+
+
+def test_a_link_to_a_private_file_is_stored_as_a_link_never_read_through(tmp_path):
+    """The daemon reads workspaces as root: a link the agent plants must not copy a root-only file into git."""
+    need_tool("git")
+    private = tmp_path / "shadow"
+    private.write_text("root only\n")
+    private.chmod(0o600)
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "train.py").symlink_to(private)
+    snaps = Snapshots(tmp_path / "git")
+    c = snaps.commit(ws, run="r", ref="s0", message="x")
+    assert snaps.read(c, "train.py") == str(private).encode()
+    assert snaps.ls(c)["train.py"][0] == "120000"
+
+
+def test_put_file_never_writes_through_a_planted_link(tmp_path):
+    from rloopd.snapshots import put_file
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "data").symlink_to(outside)
+    (ws / "x.py").symlink_to(outside / "target.py")
+    put_file(ws, "data/table.txt", b"t\n")
+    put_file(ws, "x.py", b"x\n", mode=0o755)
+    assert not list(outside.iterdir())
+    assert (ws / "data").is_dir() and not (ws / "data").is_symlink()
+    assert (ws / "data" / "table.txt").read_bytes() == b"t\n" and os.access(ws / "x.py", os.X_OK)
+    put_file(ws, "data", None)
+    assert not (ws / "data").exists()

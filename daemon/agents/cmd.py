@@ -16,6 +16,7 @@ from __future__ import annotations
 import shlex
 import string
 from dataclasses import dataclass
+from pathlib import Path
 
 from rloopd.errors import LabConfigError
 
@@ -81,6 +82,24 @@ def parse_cmd(spec: str, where: str = "--agent") -> CmdAgent:
                 raise LabConfigError(f"{where} {spec!r}: unknown placeholder {{{name}}} "
                                      f"(known: {', '.join('{' + f + '}' for f in COMMAND_FIELDS)})")
     return CmdAgent(spec, argv)
+
+
+def program_in_lab(spec: str, lab_root: Path) -> str | None:
+    """The agent's program as a path relative to the lab, when it is a file of the lab (`./agent.sh`, or an
+    absolute path inside the lab): such a script is recorded at creation and run from its blob, so a
+    session runs what the log says and not whatever the lab directory holds by then. A program found on
+    PATH (`codex`, `python3`) is the machine's, not the lab's, and is not recorded."""
+    word = parse_cmd(spec).argv[0]
+    if "/" not in word or "{" in word:
+        return None
+    root = Path(lab_root).resolve()
+    path = (root / word).resolve()
+    if not path.is_file():
+        return None
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return None
 
 
 def check_template(template: str, where: str) -> None:
