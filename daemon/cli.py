@@ -92,4 +92,4 @@ def main() -> None:
 
 
 # Command modules register themselves on `app`; imported last so that they can import from here.
-from rloopd import cli_daemon, cli_log, cli_run, cli_session, cli_transfer  # noqa: E402,F401
+from rloopd import cli_batch, cli_daemon, cli_log, cli_noise, cli_report, cli_run, cli_session, cli_transfer  # noqa: E402,F401

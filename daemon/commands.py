@@ -72,6 +72,15 @@ def fork(daemon: Daemon, home: Home, args: dict, request: str) -> dict[str, Any]
     return {"run_id": run_id}
 
 
+def batch(daemon: Daemon, home: Home, args: dict, request: str) -> dict[str, Any]:
+    from rloopd.batch import create_batch
+
+    made_batch, made = create_batch(home, Path(args["file"]), request=request)
+    for run_id in made:  # every condition's first run, then every second one: the conditions keep abreast
+        daemon.start_worker(run_id)
+    return {"batch": made_batch, "runs": made}
+
+
 def _live(daemon: Daemon, run: str):
     with daemon.guard:
         return daemon.workers.get(run)
@@ -172,5 +181,5 @@ def import_(daemon: Daemon, home: Home, args: dict, request: str) -> dict[str, A
     return import_archive(home, Path(args["file"]), args.get("expect") or {})
 
 
-HANDLERS = {"ping": ping, "run": run, "fork": fork, "pause": pause, "resume": resume, "stop": stop, "program": program,
+HANDLERS = {"ping": ping, "run": run, "fork": fork, "batch": batch, "pause": pause, "resume": resume, "stop": stop, "program": program,
             "archive": archive, "gc": gc, "import": import_, "status": status}

@@ -67,6 +67,7 @@ class RunCreated(Payload):
     seed: int = 0
     base_commit: str = ""
     program_blob: str | None = None
+    program_path: str | None = None  # the program file the run follows, when not the lab's program.md
     sandbox: str = "none"
     uid: int | None = None  # the run's own unprivileged uid for its sandboxed processes (as root)
     parent: ForkPoint | None = None
@@ -161,6 +162,8 @@ class ExperimentStarted(Payload):
     params: dict[str, Any] = {}
     program_blob: str | None = None
     diff_blob: str | None = None
+    suggested_by: str | None = None  # a model-based policy's suggestion (`optuna:tpe`): params are what it said
+    study: dict[str, Any] | None = None  # ... and the study it was asked of: sampler seed, trials told
 
 
 ExperimentStatus = Literal["ok", "crashed", "oom", "timeout", "invalid", "interrupted"]
@@ -188,6 +191,8 @@ class ExperimentDecided(Payload):
     best_before: float | None = None
     best_after: float | None = None
     best_commit: str | None = None
+    mean: float | None = None  # rerun:K: the mean of the metric over replicas 0..K
+    replicas: list[float | None] = []  # rerun:K: the metric of each replica, 0..K (None: did not complete)
 
 
 class MemoryWritten(Payload):

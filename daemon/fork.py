@@ -87,6 +87,7 @@ def fork_run(home: Home, parent_ref: str, step: int, *, name: str | None = None,
         window_seconds=parse_window(window) if window is not None else created.get("window_seconds"),
         seed=created.get("seed", 0) if seed is None else seed, base_commit=state.best_commit,
         program_blob=state.program_blob, parent={"run": stream, "n": n, "step": step},
+        batch=None, condition=None,  # a fork is not one of its parent's batch's repeats
         uid=allocate_uid({e.data["uid"] for e in home.log.runs() if e.data.get("uid") is not None}))
     if agent is not None:  # a new agent's script is read from the lab now, and recorded
         created["agent_files"] = agent_files(home, agent, Path(created["lab"]))

@@ -117,6 +117,7 @@ class AgentConfig(BaseModel):
     args: list[str] = []  # extra words for the CLI
     binary: str | None = None  # the CLI's path (default: codex / claude on the daemon's PATH)
     codex_config: dict[str, Any] = {}  # merged into Codex's configuration (e.g. a custom model provider)
+    artifacts_mb: float = Field(default=64.0, gt=0)  # memory/artifacts/ in all: more is not kept
     provider_cap: int = Field(default=5, ge=1)  # sessions in a row ended by provider errors before the run ends
 
 
@@ -161,6 +162,7 @@ class Lab(BaseModel):
     source: str = "synthetic"
     memory_limit_mb: int | None = Field(default=None, gt=0)
     params: dict[str, Param] = {}
+    categories: dict[str, str] = {}  # constant name or description word -> idea category (daemon/categories.py)
     agent: AgentConfig = AgentConfig()
     _root: Path = PrivateAttr(default=Path("."))
 
@@ -180,7 +182,10 @@ class Lab(BaseModel):
                 return v
         except ValueError:
             pass
-        raise ValueError(f"expected 'better' or 'margin:X' with X >= 0, got {v!r}")
+        m = re.fullmatch(r"rerun:([0-9]+)", v)  # K re-runs of a candidate that wins (decide.py), K in 1..100
+        if m and 1 <= int(m.group(1)) <= 100:
+            return v
+        raise ValueError(f"expected 'better', 'margin:X' with X >= 0 or 'rerun:K' with 1 <= K <= 100, got {v!r}")
 
     @model_validator(mode="after")
     def _timeout_over_budget(self) -> Lab:

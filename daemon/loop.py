@@ -6,6 +6,12 @@ save the checkpoint of an accepted change before its decision, and on reject res
 Projections (the experiments table, the run directory) catch up after every decision. A loop started on
 a run that has an attempt started but not finished records it as `interrupted` and starts the same step
 and replica again as the next attempt, so a crashed process costs at most the experiment in flight.
+
+Under `accept = "rerun:K"` a candidate whose first run (replica 0) beats the best is run again as replicas
+1..K of its step, with other seeds, before its decision (`confirm`); the decision records the mean and each
+replica's value. A step that finished but was not decided when the process died (between replicas, or
+between its finish and its decision) is decided when the loop starts again, from what the log recorded,
+after the replicas it still lacks (`settle`).
 """
 
 from __future__ import annotations
@@ -18,8 +24,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from rloopd import runs
-from rloopd.agents import SESSION_KINDS, check_agent, random_search
-from rloopd.decide import decide
+from rloopd.agents import SESSION_KINDS, check_agent, optuna_agent, random_search
+from rloopd.decide import decide, decide_replicas, rerun_count
 from rloopd.errors import StaleRun
 from rloopd.home import Home
 from rloopd.lab import set_constants
@@ -78,7 +84,11 @@ class Loop:
         self.run_dir = home.run_dir(run)
         home.secure_run(run, self.created)  # only the run's own uid gets in (an older home is tightened here)
         self.kind = check_agent(self.created["agent"])
-        self.mode = random_search.parse_agent(self.created["agent"]) if self.kind == "random" else None
+        self.mode = random_search.parse_agent(self.created["agent"]) if self.kind == "random" else \
+            optuna_agent.parse_agent(self.created["agent"]) if self.kind == "optuna" else None
+        self.held: Outcome | None = None  # rerun:K: the replica whose model becomes the checkpoint if kept
+        self.proposal: tuple[int, dict] | None = None  # the step's replica 0 as started, for its replicas
+        self.settle_due = False
         self.sessions = SessionDriver(self) if self.kind in SESSION_KINDS else None
 
     @property
@@ -134,14 +144,16 @@ class Loop:
                 retry = self.state.retry  # an interrupted attempt is started again: same step, same change
                 next_step, attempt = (retry.step, retry.attempt) if retry else (self.state.step + 1, 0)
                 left, budget = self.window_left(), self.expected_seconds()
-                if cap is not None and next_step > cap:
+                if retry is None and (undecided := self.undecided()) is not None:
+                    self.settle(undecided)
+                elif cap is not None and next_step > cap:
                     self.finish_run("experiment budget spent")
                 elif left is not None and left < max(budget, 1e-9):
                     self.finish_run("window")
                 elif self.sessions is not None and next_step >= 1 and retry is None:
                     self.sessions.run_one()  # the agent's session submits the experiments
                 else:
-                    self.experiment(next_step, attempt)
+                    self.experiment(next_step, attempt, retry.replica if retry else 0)
         except Interrupted:
             self.interrupted()
         finally:
@@ -181,90 +193,182 @@ class Loop:
                 "status": "interrupted", "metrics": {}}))
         if self.state.open_session is not None:
             self.append(NewEvent("session.ended", {"session": self.state.open_session, "reason": "daemon-restart"}))
+        if self.sessions is not None:
+            self.sessions.recovered()
         runs.restore_workspace(self.home, self.state, self.run_dir / "workspace")
+        self.settle_due = True  # the last step may have finished without its decision
         self.project()
 
-    def experiment(self, step: int, attempt: int) -> None:
+    def experiment(self, step: int, attempt: int, replica: int = 0) -> None:
         workspace = self.run_dir / "workspace"  # at the best commit: recover() and each reject put it there
-        retried = self.retried_attempt(step, attempt)
+        retried = self.retried_attempt(step, attempt, replica)
+        extra: dict = {}
         if retried is not None:
             commit, description, category, params = (retried["commit"], retried["description"],
                                                      retried.get("category"), retried.get("params", {}))
+            extra = {k: retried[k] for k in ("suggested_by", "study") if retried.get(k) is not None}
         elif step == 0:
             commit, description, category, params = self.created["base_commit"], "baseline", None, {}
         else:
-            train_py = workspace / "train.py"
-            proposal = random_search.propose(self.lab.params, train_py.read_text(), self.mode,
-                                             self.created["seed"], step, attempt)
-            random_search.apply_proposal(train_py, proposal, set_constants)
-            description, category, params = proposal.description, proposal.category, proposal.params
+            if self.kind == "optuna":  # the study is rebuilt from the log each step (agents/optuna_agent.py)
+                s = optuna_agent.propose(self.mode, self.lab.params, self.run_dir, self.fold.rows.values(),
+                                         self.home.snapshots, self.created, step, attempt)
+                optuna_agent.apply(self.run_dir, self.lab.params, s.params)
+                description, category, params = s.description, s.category, s.params
+                extra = {"suggested_by": s.suggested_by, "study": s.study}
+            else:
+                train_py = workspace / "train.py"
+                proposal = random_search.propose(self.lab.params, train_py.read_text(), self.mode,
+                                                 self.created["seed"], step, attempt)
+                random_search.apply_proposal(train_py, proposal, set_constants)
+                description, category, params = proposal.description, proposal.category, proposal.params
             commit = self.home.snapshots.commit(workspace, run=self.run_id, ref=f"s{step}-a{attempt}",
                                                 message=description, parent=self.state.best_commit)
         diff = self.home.snapshots.diff(self.state.best_commit if step else None, commit)
-        self.run_in_slot(step, attempt, commit, description, category, params, diff)
+        self.run_in_slot(step, attempt, commit, description, category, params, diff, replica=replica, extra=extra)
 
     def run_in_slot(self, step: int, attempt: int, commit: str, description: str, category: str | None,
-                    params: dict, diff: str) -> None:
-        with (self.opts.slot or _no_slot)() as env:
-            if self.stop.is_set():
-                raise Interrupted("stopped while waiting for a slot")
-            self.run_attempt(step, attempt, commit, description, category, params, diff, env)
+                    params: dict, diff: str, *, replica: int = 0, extra: dict | None = None) -> None:
+        try:
+            with (self.opts.slot or _no_slot)() as env:
+                if self.stop.is_set():
+                    raise Interrupted("stopped while waiting for a slot")
+                self.run_attempt(step, attempt, commit, description, category, params, diff, env,
+                                 replica=replica, extra=extra)
+        finally:
+            self.release()
 
     def run_attempt(self, step: int, attempt: int, commit: str, description: str, category: str | None,
-                    params: dict, diff: str, env: dict[str, str]) -> None:
+                    params: dict, diff: str, env: dict[str, str], *, replica: int = 0,
+                    extra: dict | None = None) -> None:
         self.sync()  # the program version in force is the latest one recorded, also by the watcher
+        if replica == 0:
+            self.proposal = (step, {"description": description, "category": category, "params": params,
+                                    "diff": diff, "extra": dict(extra or {})})
         self.append(NewEvent("experiment.started", {
-            "step": step, "attempt": attempt, "commit": commit, "description": description,
+            "step": step, "replica": replica, "attempt": attempt, "commit": commit, "description": description,
             "category": category, "params": params, "program_blob": self.state.program_blob,
-            "diff_blob": self.home.blobs.put_text(diff)}))
+            "diff_blob": self.home.blobs.put_text(diff), **(extra or {})}))
         try:
-            outcome = self.execute(commit, step, attempt, env)
-        except Interrupted:
+            outcome = self.execute(commit, step, attempt, env, replica)
+        except Exception:  # Interrupted, or the daemon's own failure: the attempt is closed, and retried
             self.append(NewEvent("experiment.finished", {
-                "step": step, "attempt": attempt, "status": "interrupted", "metrics": {}}))
+                "step": step, "replica": replica, "attempt": attempt, "status": "interrupted", "metrics": {}}))
             raise
-        self.finish(step, attempt, commit, outcome)
+        self.finish(step, attempt, commit, outcome, replica=replica, env=env)
 
-    def retried_attempt(self, step: int, attempt: int) -> dict | None:
+    def started_data(self, step: int, replica: int, attempt: int | None = None) -> dict | None:
+        """The (last) experiment.started of a step's replica, of one attempt or of any."""
+        found = None
+        for e in self.home.log.read(self.run_id, types=["experiment.started"]):
+            d = e.data
+            if d["step"] == step and d.get("replica", 0) == replica and attempt in (None, d.get("attempt", 0)):
+                found = d
+        return found
+
+    def retried_attempt(self, step: int, attempt: int, replica: int = 0) -> dict | None:
         """The experiment.started of the attempt this one starts again, if it is a retry."""
         if attempt == 0:
             return None
-        for e in self.home.log.read(self.run_id, types=["experiment.started"]):
-            if e.data["step"] == step and e.data.get("attempt", 0) == attempt - 1:
-                return e.data
-        return None
+        return self.started_data(step, replica, attempt - 1)
 
-    def execute(self, commit: str, step: int, attempt: int, env: dict[str, str]) -> Outcome:
+    def execute(self, commit: str, step: int, attempt: int, env: dict[str, str], replica: int = 0) -> Outcome:
         runs.check_manifest(self.home, self.created)
-        snapshot = self.home.path / "tmp" / self.run_id / f"ws-{step}-{attempt}"
+        snapshot = self.home.path / "tmp" / self.run_id / f"ws-{step}-{replica}-{attempt}"
         shutil.rmtree(snapshot, ignore_errors=True)
         snapshot.mkdir(parents=True)
         self.home.snapshots.export(commit, snapshot)
-        exp = runs.experiment_for(self.home, self.run_id, self.created, self.lab, snapshot, step, env=env)
+        exp = runs.experiment_for(self.home, self.run_id, self.created, self.lab, snapshot, step, env=env,
+                                  replica=replica)
         try:
             return run_experiment(exp, self.stop.event)
         finally:
             shutil.rmtree(snapshot, ignore_errors=True)
 
-    def finish(self, step: int, attempt: int, commit: str, outcome: Outcome) -> None:
-        metric = self.created["metric"]
-        value = outcome.metrics.get(metric)
+    def finish(self, step: int, attempt: int, commit: str, outcome: Outcome, *, replica: int = 0,
+               env: dict[str, str] | None = None) -> None:
         self.append(NewEvent("experiment.finished", {
-            "step": step, "attempt": attempt, "status": outcome.status, "metrics": outcome.metrics,
+            "step": step, "replica": replica, "attempt": attempt, "status": outcome.status, "metrics": outcome.metrics,
             "log_blob": self.home.blobs.put(self.redact(outcome.log)), "wall_seconds": round(outcome.wall_seconds, 3)}))
-        d = decide(self.state.best, outcome.status, value, self.created["direction"], self.lab.accept)
+        self.confirm(step, commit, outcome, env)
+
+    # --- decisions, and replicas under rerun:K -----------------------------------------------------
+
+    def step_rows(self, step: int) -> dict[int, dict]:
+        """replica -> experiment row of `step` (the run's own rows over a fork's parent's)."""
+        found: dict[int, dict] = {}
+        for (stream, s, replica), row in self.fold.rows.items():
+            if s == step and (replica not in found or stream == self.run_id):
+                found[replica] = row
+        return found
+
+    def confirm(self, step: int, commit: str, outcome: Outcome | None, env: dict[str, str] | None) -> None:
+        """Decide `step` from its recorded results; under `rerun:K` a candidate that beats the best first runs
+        the replicas 1..K it lacks (each one's finish comes back here), then the mean decides. `env` is the
+        slot's when in one (None: settling after a restart, a replica takes a slot of its own)."""
+        if outcome is not None and outcome.workdir is not None:
+            if self.held is None and outcome.model is not None:
+                self.held = outcome  # the first replica's model (replica 0's, but after a restart) is kept
+            else:
+                shutil.rmtree(outcome.workdir, ignore_errors=True)
+        k = rerun_count(self.lab.accept)
+        done = {r: (row["status"], row["value"]) for r, row in self.step_rows(step).items()
+                if row["status"] not in ("running", "interrupted")}
+        best, direction = self.state.best, self.created["direction"]
+        d = decide(best, *done[0], direction, self.lab.accept)
+        if k and d.accepted:
+            missing = [r for r in range(1, k + 1) if r not in done]
+            if missing:
+                p = self.proposal[1] if self.proposal and self.proposal[0] == step else self.recorded_proposal(step)
+                args = (step, 0, commit, p["description"], p["category"], p["params"], p["diff"])
+                if env is None:
+                    return self.run_in_slot(*args, replica=missing[0], extra=p["extra"])
+                return self.run_attempt(*args, env, replica=missing[0], extra=p["extra"])
+            d = decide_replicas(best, [done[r] for r in range(k + 1)], direction)
         events = []
-        if d.accepted and outcome.model is not None:
-            events.append(NewEvent("checkpoint.saved", {"step": step, "blob": self.home.blobs.put_file(outcome.model)}))
+        if d.accepted and self.held is not None and self.held.model is not None:
+            events.append(NewEvent("checkpoint.saved", {"step": step, "blob": self.home.blobs.put_file(self.held.model)}))
         events.append(NewEvent("experiment.decided", {
             "step": step, "accepted": d.accepted, "reason": d.reason, "best_before": d.best_before,
-            "best_after": d.best_after, "best_commit": commit if d.accepted else self.state.best_commit}))
+            "best_after": d.best_after, "best_commit": commit if d.accepted else self.state.best_commit,
+            **({"mean": d.mean, "replicas": list(d.replicas)} if d.replicas else {})}))
         self.append(*events)
-        if outcome.workdir is not None:
-            shutil.rmtree(outcome.workdir, ignore_errors=True)
+        self.release()
         if not d.accepted:  # the workspace holds the rejected change: put the best commit back, no probe
             self.home.snapshots.restore(self.state.best_commit or self.state.base_commit, self.run_dir / "workspace")
         self.project()
+
+    def recorded_proposal(self, step: int) -> dict:
+        """Replica 0 of `step` as its experiment.started recorded it (after a restart)."""
+        d = self.started_data(step, 0) or {}
+        return {"description": d.get("description", ""), "category": d.get("category"), "params": d.get("params", {}),
+                "diff": self.home.blobs.get_text(d["diff_blob"]) if d.get("diff_blob") else "",
+                "extra": {k: d[k] for k in ("suggested_by", "study") if d.get(k) is not None}}
+
+    def release(self) -> None:
+        """Drop the model kept for a decision (made, or abandoned by an interruption)."""
+        if self.held is not None:
+            if self.held.workdir is not None:
+                shutil.rmtree(self.held.workdir, ignore_errors=True)
+            self.held = None
+
+    def undecided(self) -> int | None:
+        """Once after recover(): the last step, if it finished but has no decision (the process died between
+        its finish and its decision, or between its replicas)."""
+        if not self.settle_due:
+            return None
+        self.settle_due = False
+        first = self.step_rows(self.state.step).get(0)
+        if first is None or first["status"] in ("running", "interrupted") or first["accepted"] is not None:
+            return None
+        return self.state.step
+
+    def settle(self, step: int) -> None:
+        """Decide a step the log has results for but no decision (see undecided): the replicas it lacks are
+        run first, the decision comes from the recorded values, and no checkpoint is saved for it (its model
+        died with the process), unless a replica run now provides one."""
+        self.confirm(step, self.step_rows(step)[0]["commit"], None, None)
+        runs.restore_workspace(self.home, self.state, self.run_dir / "workspace")
 
     def redact(self, data: bytes) -> bytes:
         """What agent code printed (the training log) is redacted like the session's own output."""

@@ -106,8 +106,12 @@ def parse_window(text: str) -> float:
 
 def create_run(home: Home, lab_dir: Path, *, agent: str | None, experiments: int | None, budget: str | None,
                seed: int, name: str | None, sandbox: str = "auto", window: str | None = None,
-               request: str | None = None) -> str:
-    """Validate everything first, then append `run.created`; nothing is written on a bad argument."""
+               request: str | None = None, program: Path | None = None, batch: str | None = None,
+               condition: str | None = None) -> str:
+    """Validate everything first, then append `run.created`; nothing is written on a bad argument.
+
+    `program`: a program file the run follows instead of the lab's (a batch condition's); `batch` and
+    `condition` are recorded on run.created."""
     from rloopd.agents import SESSION_KINDS, check_agent
 
     lab = load_lab(lab_dir)
@@ -135,7 +139,11 @@ def create_run(home: Home, lab_dir: Path, *, agent: str | None, experiments: int
     uid = allocate_uid({e.data["uid"] for e in home.log.runs() if e.data.get("uid") is not None})
     run = new_run_id()
     manifest = build_manifest(home, lab)
-    program = (lab.root / lab.program).read_bytes()
+    program_file = Path(program).absolute() if program is not None else lab.root / lab.program
+    try:
+        program_bytes = program_file.read_bytes()
+    except OSError as e:
+        raise LabConfigError(f"--program {program_file}: cannot read it ({e.strerror})") from None
     workspace_src = lab.root / "workspace"
     base = home.snapshots.commit(workspace_src, run=run, ref="base", message="base workspace")
     home.log.append(run, [NewEvent("run.created", {
@@ -143,8 +151,10 @@ def create_run(home: Home, lab_dir: Path, *, agent: str | None, experiments: int
         "config": lab.model_dump(mode="json"), "metric": lab.metric.name, "direction": lab.metric.direction,
         "agent": agent, "agent_files": agent_files(home, agent, lab.root),
         "budget": lab.budget, "experiments": experiments, "seed": seed, "base_commit": base,
-        "program_blob": home.blobs.put(program), "sandbox": kind, "uid": uid,
-        "search_space": {"editable": lab.editable}, "window_seconds": window_seconds},
+        "program_blob": home.blobs.put(program_bytes), "sandbox": kind, "uid": uid,
+        "search_space": {"editable": lab.editable}, "window_seconds": window_seconds,
+        **({"program_path": str(program_file)} if program_file != lab.root / lab.program else {}),
+        **({"batch": batch, "condition": condition} if batch else {})},
         **({"id": request} if request else {}))], expected_n=0)
     if kind == "none":
         home.log.append_one(run, "run.warned", {"about": "sandbox", "message": (
@@ -207,13 +217,17 @@ def restore_workspace(home: Home, state: RunState, workspace: Path) -> None:
         home.snapshots.restore(target, workspace)
 
 
-def experiment_seed(created: dict[str, Any], step: int) -> int:
-    """The training seed of a step: one per step of a run, the same for each attempt and for a re-execution."""
-    return created["seed"] * 1000 + step
+def experiment_seed(created: dict[str, Any], step: int, replica: int = 0) -> int:
+    """The training seed of a step: one per step of a run, the same for each attempt and for a re-execution.
+    Replicas 1..K of a step (`rerun:K`, `rloopd noise`) get other seeds, drawn from (seed, step, replica)."""
+    if replica == 0:
+        return created["seed"] * 1000 + step
+    digest = hashlib.sha256(f"replica:{created['seed']}:{step}:{replica}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") % 2**31
 
 
 def experiment_for(home: Home, run: str, created: dict[str, Any], lab: Lab, snapshot: Path, step: int, *,
-                   budget: str | None = None, env: dict[str, str] | None = None) -> Experiment:
+                   budget: str | None = None, env: dict[str, str] | None = None, replica: int = 0) -> Experiment:
     """What the runner needs to run `step` of `run` on the workspace files in `snapshot`, in the run's sandbox,
     under the judge's copy of the recorded frozen files (the loop and `replay --reexecute` share this)."""
     scratch = home.path / "tmp" / run / "scratch"
@@ -221,7 +235,8 @@ def experiment_for(home: Home, run: str, created: dict[str, Any], lab: Lab, snap
     sandbox = training_sandbox(created.get("uid"), hide=[home.path, Path(created["lab"])], scratch=scratch,
                                kind=created["sandbox"])
     return Experiment(command=lab.entry_command(judge, sys.executable), workspace=snapshot,
-                      budget=budget or created["budget"], timeout=lab.timeout, seed=experiment_seed(created, step),
+                      budget=budget or created["budget"], timeout=lab.timeout,
+                      seed=experiment_seed(created, step, replica),
                       secrets=lab_secrets(home), sandbox=sandbox.prefix, cache=private_dir(home.path / "cache"),
                       scratch=scratch,
                       private=home.path / "tmp" / run / "judge", extra_args=lab.entry_args(), env=env or {})

@@ -55,6 +55,9 @@ class RunSocket:
                             reply = {"ok": True, "result": fn(msg.get("args") or {})}
                         except RloopdError as e:
                             reply = {"ok": False, "error": str(e), "exit_code": e.exit_code}
+                        except Exception as e:  # noqa: BLE001 - the agent gets an answer, never a dropped line
+                            reply = {"ok": False, "error": f"internal error: {type(e).__name__}: {e}",
+                                     "exit_code": 1}
                 try:
                     write_message(self.request, reply)
                 except OSError:

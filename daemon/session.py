@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import selectors
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -143,27 +144,38 @@ def run_session(spec: SessionSpec, stop: threading.Event | None = None,
                 stop_reason: Callable[[], str] | None = None) -> SessionResult:
     """Run the session to its end (see the module docstring); never raises for the agent's failures."""
     t0 = time.monotonic()
+    # stdout and stderr are socket pairs, not pipes: a process of the agent can reopen a pipe through
+    # /proc/<pid>/fd/1 and write into the stream rloopd parses, but a socket cannot be opened that way
+    out_ours, out_theirs = socket.socketpair()
+    err_ours, err_theirs = socket.socketpair() if spec.separate_stderr else (None, None)
     try:
         stdin = open(spec.stdin, "rb") if spec.stdin is not None else subprocess.DEVNULL  # noqa: SIM115
         try:
             proc = subprocess.Popen([*spec.prefix, *spec.argv], cwd=spec.cwd, env=spec.env, stdin=stdin,
-                                    stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE if spec.separate_stderr else subprocess.STDOUT,
+                                    stdout=out_theirs.fileno(),
+                                    stderr=err_theirs.fileno() if err_theirs is not None else subprocess.STDOUT,
                                     start_new_session=True)
         finally:
             if stdin is not subprocess.DEVNULL:
                 stdin.close()
+            out_theirs.close()
+            if err_theirs is not None:
+                err_theirs.close()
     except OSError as e:
+        out_ours.close()
+        if err_ours is not None:
+            err_ours.close()
         return SessionResult("error", None, b"", 0, time.monotonic() - t0,
                              f"cannot start {spec.argv[0]!r}: {e.strerror or e}")
-    streams = {proc.stdout: _Capture(spec.max_output)}
-    if spec.separate_stderr:
-        streams[proc.stderr] = _Capture(spec.max_output)
+    out_fd, out_cap, err_cap = out_ours.fileno(), _Capture(spec.max_output), _Capture(spec.max_output)
+    streams = {out_fd: out_cap}
+    if err_ours is not None:
+        streams[err_ours.fileno()] = err_cap
     lines = _Lines(spec.on_line) if spec.on_line is not None else None
     sel = selectors.DefaultSelector()
-    for stream in streams:
-        sel.register(stream, selectors.EVENT_READ)
-        os.set_blocking(stream.fileno(), False)
+    for fd in streams:
+        sel.register(fd, selectors.EVENT_READ)
+        os.set_blocking(fd, False)
     reason, detail, last_output, term_at, exited_at = None, "", t0, None, None
     try:
         open_pipes = set(streams)
@@ -187,15 +199,17 @@ def run_session(spec: SessionSpec, stop: threading.Event | None = None,
             if open_pipes:
                 for key, _ in sel.select(timeout=0.05):
                     try:
-                        data = key.fileobj.read(1 << 16)
+                        data = os.read(key.fd, 1 << 16)
                     except BlockingIOError:
                         continue
+                    except ConnectionResetError:
+                        data = b""
                     if not data:
-                        open_pipes.discard(key.fileobj)
-                        sel.unregister(key.fileobj)
+                        open_pipes.discard(key.fd)
+                        sel.unregister(key.fd)
                         continue
-                    streams[key.fileobj].add(data)
-                    if lines is not None and key.fileobj is proc.stdout:
+                    streams[key.fd].add(data)
+                    if lines is not None and key.fd == out_fd:
                         lines.add(data)
                     last_output = time.monotonic()
                 if not open_pipes:
@@ -217,13 +231,13 @@ def run_session(spec: SessionSpec, stop: threading.Event | None = None,
         sel.close()
         _signal_group(proc, signal.SIGKILL)  # nothing of the session outlives it
         proc.wait()
-        for stream in streams:
-            stream.close()
+        out_ours.close()
+        if err_ours is not None:
+            err_ours.close()
         if lines is not None:
             lines.close()  # a last line without its newline (a stream cut mid-line) is handed on as it is
-    code, out = proc.returncode, streams[proc.stdout]
-    errors = streams[proc.stderr].value() if spec.separate_stderr else b""
-    return SessionResult(reason or "agent-exit", code, out.value(), out.total, time.monotonic() - t0, detail, errors)
+    return SessionResult(reason or "agent-exit", proc.returncode, out_cap.value(), out_cap.total,
+                         time.monotonic() - t0, detail, err_cap.value())
 
 
 class _Lines:

@@ -36,6 +36,7 @@ from rloopd.agents.cli import KINDS as CLI_KINDS
 from rloopd.agents.cli import parse_cli
 from rloopd.agents.cmd import DEFAULT_PROMPT, parse_cmd, render_prompt
 from rloopd.agents.streams import Act, StreamParser
+from rloopd.categories import classify
 from rloopd.lab import matches
 from rloopd.log import NewEvent, new_id
 from rloopd.memory.rundir import CHECKPOINT, frozen_dest, materialize_frozen, write_atomic
@@ -44,7 +45,7 @@ from rloopd.runner import Interrupted
 from rloopd.runs import prompt_template
 from rloopd.runsocket import RunSocket, SubmitRefused
 from rloopd.sandbox import SessionLimits, give_to, kill_uid, session_sandbox
-from rloopd.session import SessionSpec, run_session
+from rloopd.session import SessionResult, SessionSpec, run_session
 from rloopd.snapshots import Snapshots, put_file, read_tree
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ class SessionDriver:
         self.parser: StreamParser | None = None
         self.acts: list[Act] = []
         self.acts_lock = threading.Lock()
-        self.provider_errors = 0
+        self.empty, self.provider_errors = self.trailing_counts()
         self.cli_version: str | None = None
         self.end, self.end_reason = threading.Event(), {"why": "stopped"}
         self.uid = loop.created.get("uid") if os.geteuid() == 0 and loop.created.get("sandbox") != "none" else None
@@ -74,7 +75,6 @@ class SessionDriver:
         self.results: dict[str, dict[str, Any]] = {}
         self.pending: dict[str, threading.Thread] = {}
         self.latest: str | None = None
-        self.empty = 0
         self.redactor = Redactor()
 
     # --- one session -----------------------------------------------------------------------------
@@ -95,12 +95,17 @@ class SessionDriver:
         run_dir = loop.run_dir
         argv, expose, missing = self.command(n, prompt, env)
         give_to(self.uid, self.dir / "home", self.dir / "tmp", prompt)
+        box = session_sandbox(self.uid, home=self.home.path, run_dir=run_dir, session_dir=self.dir,
+                              hide=(Path(loop.created["lab"]),),
+                              kind=loop.created.get("sandbox", "auto"),
+                              limits=SessionLimits(self.cfg.processes, self.cfg.memory_mb, self.cfg.file_mb),
+                              expose=expose)
         self.program_at_start = loop.state.program_blob
         started: dict[str, Any] = {"session": n, "agent": loop.created["agent"],
                                    "program_blob": loop.state.program_blob}
         if self.cli is not None and not missing:
-            if self.cli_version is None:
-                self.cli_version = self.cli.version(argv[0]) or ""
+            if self.cli_version is None:  # asked inside the sandbox, as the agent: the binary is the lab's choice
+                self.cli_version = self.cli.version([*box.prefix, argv[0]], env, run_dir) or ""
             started["agent_version"] = self.cli_version or None
         loop.append(NewEvent("session.started", started))
         if missing:
@@ -109,15 +114,11 @@ class SessionDriver:
         self.parser = self.cli.parser() if self.cli is not None else None
         give_to(self.uid, run_dir / "workspace", run_dir / "memory" / "notes.md", run_dir / "memory" / "artifacts")
         sock = RunSocket(self.dir / "rloopd.sock", {"submit": self.submit, "result": self.result}, uid=self.uid)
-        box = session_sandbox(self.uid, home=self.home.path, run_dir=run_dir, session_dir=self.dir,
-                              hide=(Path(loop.created["lab"]),),
-                              kind=loop.created.get("sandbox", "auto"),
-                              limits=SessionLimits(self.cfg.processes, self.cfg.memory_mb, self.cfg.file_mb),
-                              expose=expose)
         self.end, self.end_reason = threading.Event(), {"why": "stopped"}
         watching = threading.Event()
         watcher = threading.Thread(target=self._watch, args=(self.end, self.end_reason, watching), daemon=True)
         watcher.start()
+        result = None
         try:
             result = run_session(SessionSpec(
                 argv, run_dir, env, timeout=self.cfg.session_timeout,
@@ -138,32 +139,7 @@ class SessionDriver:
                 thread.join()
             if (reap := self._reaper(box.kind)) is not None:
                 reap()  # what left the group with setsid; no experiment is in flight now
-        parser, self.parser = self.parser, None
-        if parser is not None:
-            with self.acts_lock:
-                self.acts += parser.finish()
-        self.flush_acts(n)
-        self.clean(home_too=False)  # the private temporary directory lives one session
-        self.capture_memory(n)
-        self.check_integrity(None)  # also when the session ends without a submit (window, pause, stop)
-        reason, detail = result.reason, result.detail
-        if parser is not None and reason == "agent-exit" and parser.failure:
-            reason, detail = parser.failure, parser.failure_detail  # the CLI gave up: say why, not a restart
-        stopping = loop.stop.is_set() or reason in ("window", "paused", "stopped", "daemon-restart", "spend-cap")
-        left = loop.window_left()
-        if not stopping and (left is None or left > 0) and self.unsubmitted():
-            self.run_submit(n, f"changes left in the workspace at the end of session {n}", new_id()[:12])
-        self.restore_run_dir(n)
-        output = self.redactor.redact(result.output)
-        if detail and parser is None:
-            output += f"\n[rloopd: {detail}]\n".encode()
-        ended: dict[str, Any] = {"session": n, "exit_code": result.exit_code, "reason": reason,
-                                 "output_blob": self.home.blobs.put(output)}
-        if parser is not None:
-            errors = self.redactor.redact(result.errors) + (f"\n[rloopd: {detail}]\n".encode() if detail else b"")
-            ended.update(usage=parser.usage, cost_usd=parser.cost_usd,
-                         stderr_blob=self.home.blobs.put(errors) if errors else None)
-        loop.append(NewEvent("session.ended", ended))
+        reason = self.after_session(n, result)
         if loop.stop.is_set():
             raise Interrupted(f"session {n} ended: {reason}")
         if reason == "spend-cap" or self.over_spend_cap() is not None:
@@ -177,14 +153,53 @@ class SessionDriver:
         self.count(empty=loop.state.step == steps_before)
         return None
 
+    def after_session(self, n: int, result: SessionResult) -> str:
+        """Record what the session did and left, then `session.ended`, which is written whatever happens
+        on the way (a pause or stop during the submit made for the agent interrupts that submit, and the
+        session must still close, with its output and usage). Returns the reason recorded."""
+        loop = self.loop
+        parser, self.parser = self.parser, None
+        reason, detail = result.reason, result.detail
+        if parser is not None and reason == "agent-exit":
+            if parser.failure:
+                reason, detail = parser.failure, parser.failure_detail  # the CLI gave up: say why, not a restart
+            elif parser.lines == 0 and result.exit_code:
+                reason, detail = "error", f"the CLI printed no event and exited {result.exit_code}"
+        try:
+            if parser is not None:
+                with self.acts_lock:
+                    self.acts += parser.finish()
+            self.flush_acts(n)
+            self.clean(home_too=True)  # the session's HOME and tmp: the CLI's transcripts, its scratch
+            self.capture_memory(n)
+            self.check_integrity(None)  # also when the session ends without a submit (window, pause, stop)
+            stopping = loop.stop.is_set() or reason in ("window", "paused", "stopped", "daemon-restart",
+                                                        "spend-cap")
+            left = loop.window_left()
+            if not stopping and (left is None or left > 0) and self.unsubmitted():
+                self.run_submit(n, f"changes left in the workspace at the end of session {n}", new_id()[:12])
+            self.restore_run_dir(n)
+        finally:
+            output = self.redactor.redact(result.output)
+            if detail and parser is None:
+                output += f"\n[rloopd: {detail}]\n".encode()
+            ended: dict[str, Any] = {"session": n, "exit_code": result.exit_code, "reason": reason,
+                                     "output_blob": self.home.blobs.put(output)}
+            if parser is not None:
+                errors = self.redactor.redact(result.errors) + (f"\n[rloopd: {detail}]\n".encode() if detail else b"")
+                ended.update(usage=parser.usage, cost_usd=parser.cost_usd,
+                             stderr_blob=self.home.blobs.put(errors) if errors else None)
+            loop.append(NewEvent("session.ended", ended))
+        return reason
+
     def command(self, n: int, prompt: Path, env: dict[str, str]) -> tuple[list[str], tuple[Path, ...], str]:
         """(argv, paths the sandbox must show, why it cannot start or ""), and the CLI's environment."""
         run_dir = self.loop.run_dir
         if self.cli is not None:
-            budget = self.loop.lab.budget_seconds
-            env.update(self.cli.environment(self.dir / "home", budget_seconds=budget))
+            seconds = self.cfg.session_timeout
+            env.update(self.cli.environment(self.dir / "home", session_seconds=seconds))
             left = None if self.cli.max_usd is None else self.cli.max_usd - self.loop.state.spent_usd
-            argv = self.cli.command(str(run_dir), budget_seconds=budget, usd_left=left)
+            argv = self.cli.command(str(run_dir), session_seconds=seconds, usd_left=left)
             found = self.cli.installed(env["PATH"])
             if found is None:
                 return argv, (), (f"cannot start {self.cli.program!r}: not installed on the daemon's PATH (install "
@@ -243,6 +258,29 @@ class SessionDriver:
             events.append(NewEvent("agent.acted", data))
         self.loop.append(*events)
 
+    def trailing_counts(self) -> tuple[int, int]:
+        """(sessions in a row that started no experiment, sessions in a row ended by provider errors), from
+        the log: a resumed run or a restarted daemon keeps its caps and back-offs where they were."""
+        empty = provider = 0
+        submitted = False
+        ends: list[tuple[str, bool]] = []
+        for e in self.home.log.read(self.run_id, types=["session.started", "experiment.submitted", "session.ended"]):
+            if e.type == "session.started":
+                submitted = False
+            elif e.type == "experiment.submitted":
+                submitted = True
+            else:
+                ends.append((e.data["reason"], submitted))
+        for reason, _made in reversed(ends):
+            if reason != "provider-error":
+                break
+            provider += 1
+        for reason, made in reversed(ends[:len(ends) - provider]):
+            if made or reason in ("paused", "stopped", "daemon-restart", "window"):
+                break
+            empty += 1
+        return empty, provider
+
     def _reaper(self, kind: str):
         """Ends every process of the run's uid, for a session without bubblewrap (whose pid namespace ends
         them all by itself): processes that left the group with `setsid`. Never while an experiment of the
@@ -250,6 +288,13 @@ class SessionDriver:
         if self.uid is None or kind == "bwrap":
             return None
         return lambda: None if self.busy.locked() else kill_uid(self.uid)
+
+    def recovered(self) -> None:
+        """After a crash of the daemon: what a session left running is ended (without bubblewrap nothing
+        else ends it) and its HOME and tmp go, as after any session."""
+        if (reap := self._reaper(self.loop.created.get("sandbox", "auto"))) is not None:
+            reap()
+        self.clean(home_too=True)
 
     def clean(self, home_too: bool) -> None:
         """Remove what the agent left in its temporary directory (each session) and its HOME (when the run
@@ -313,7 +358,8 @@ class SessionDriver:
         template = prompt_template(self.home, loop.created)[1] or DEFAULT_PROMPT
         program = self.home.blobs.get_text(loop.state.program_blob) if loop.state.program_blob else ""
         memory = loop.run_dir / "memory"
-        results = (memory / "results.tsv").read_text() if (memory / "results.tsv").exists() else ""
+        mode, raw = read_tree(memory, only="results.tsv").get("results.tsv", ("", b""))
+        results = raw.decode(errors="replace") if mode != "120000" else ""
         mode, raw = read_tree(memory, only="notes.md").get("notes.md", ("", b""))  # never through a link
         notes = raw.decode(errors="replace") if mode != "120000" else ""
         return render_prompt(template, program=program, results=results, notes=notes, session=n,
@@ -408,8 +454,7 @@ class SessionDriver:
         self.check_integrity(step)
         workspace = loop.run_dir / "workspace"
         text = self.redactor.redact_text(message)
-        commit = self.home.snapshots.commit(workspace, run=self.run_id, ref=f"s{step}-a0", message=text,
-                                            parent=loop.state.best_commit)
+        commit = self.snapshot(workspace, step, text)
         diff = self.redactor.redact_text(self.home.snapshots.diff(loop.state.best_commit, commit))
         acts = [NewEvent("agent.acted", {"session": n or 0, "kind": "edit", "summary": summary,
                                          "detail_blob": self.home.blobs.put_text(diff)})
@@ -418,19 +463,40 @@ class SessionDriver:
                                              "summary": f"rloopd submit -m {text!r}"}))
         loop.append(*acts, NewEvent("experiment.submitted", {"session": n or 0, "ticket": ticket, "step": step,
                                                              "message": text}))
-        return ticket, step, commit, text, diff
+        best = loop.state.best_commit or loop.state.base_commit
+        category = classify(self.home.snapshots.files(best), self.home.snapshots.files(commit), text,
+                            loop.lab.params, loop.lab.categories)
+        return ticket, step, commit, text, diff, category
 
-    def execute(self, ticket: str, step: int, commit: str, text: str, diff: str) -> dict[str, Any]:
+    def snapshot(self, workspace: Path, step: int, text: str) -> str:
+        """The submitted commit: the workspace's editable files, and the best commit's for every other path.
+        `check_integrity` put those back just before, but a live process may change one again before the
+        snapshot reads it: whatever it did, the experiment never runs on it (and it is recorded)."""
+        loop, snaps = self.loop, self.home.snapshots
+        best = loop.state.best_commit or loop.state.base_commit
+        found, recorded = snaps.entries(workspace), snaps.ls(best)
+        editable = {p: e for p, e in found.items() if matches(loop.lab.editable, f"workspace/{p}")}
+        fixed = {p: e for p, e in recorded.items() if not matches(loop.lab.editable, f"workspace/{p}")}
+        sneaked = sorted(p for p in set(found) - set(editable) if found[p] != recorded.get(p))
+        sneaked += sorted(p for p in set(fixed) - set(found))
+        if sneaked:
+            loop.append(NewEvent("integrity.violated", {
+                "step": step, "paths": [f"workspace/{p}" for p in sneaked], "reverted": True,
+                "found": "files outside the editable globs changed while the submit was being made"}))
+        return snaps.commit_entries(editable | fixed, run=self.run_id, ref=f"s{step}-a0", message=text,
+                                    parent=loop.state.best_commit)
+
+    def execute(self, ticket: str, step: int, commit: str, text: str, diff: str, category: str) -> dict[str, Any]:
         loop = self.loop
         began = loop.state.position + 1
         try:
-            loop.run_in_slot(step, 0, commit, text, None, {}, diff)
+            loop.run_in_slot(step, 0, commit, text, category, {}, diff)
         finally:
             give_to(self.uid, loop.run_dir / "workspace")  # a reject restored the best commit as the daemon's user
         s = loop.state
         outcome = {e.type: e.data for e in self.home.log.read(self.run_id, from_n=began,
                                                               types=["experiment.finished", "experiment.decided"])
-                   if e.data["step"] == step}
+                   if e.data["step"] == step and not e.data.get("replica")}  # replica 0: the proposal
         finished, decided = outcome.get("experiment.finished", {}), outcome.get("experiment.decided", {})
         left = loop.window_left()
         return {"ticket": ticket, "step": step, "status": finished.get("status"), "metric": s.metric,
@@ -456,6 +522,7 @@ class SessionDriver:
         known = dict(self.loop.fold.mem.files)
         # read by file descriptor, links never followed: the agent may still be swapping entries, and a
         # link read as root would copy a file it may not read into its own notes
+        self.cap_artifacts(n, memory)
         found = {f"artifacts/{rel}": data for rel, (mode, data) in read_tree(memory / "artifacts").items()
                  if mode != "120000"} if (memory / "artifacts").is_dir() else {}
         notes = read_tree(memory, only="notes.md").get("notes.md")
@@ -475,6 +542,41 @@ class SessionDriver:
                 events.append(NewEvent("memory.written", {"path": rel, "blob": None, "session": n}))
         if events:
             self.loop.append(*events)
+
+    def cap_artifacts(self, n: int | None, memory: Path) -> None:
+        """memory/artifacts/ beyond `[agent] artifacts_mb` (largest files first) is removed and recorded: the
+        daemon reads what it keeps into memory and the blob store, and one agent must not fill either."""
+        artifacts = memory / "artifacts"
+        if not artifacts.is_dir() or artifacts.is_symlink():
+            return
+        sizes = self._artifact_sizes(artifacts)
+        total, cap = sum(sizes.values()), int(self.cfg.artifacts_mb * (1 << 20))
+        if total <= cap:
+            return
+        over = []
+        for rel, size in sorted(sizes.items(), key=lambda item: -item[1]):
+            if total <= cap:
+                break
+            put_file(memory, f"artifacts/{rel}", None)
+            total -= size
+            over.append(f"memory/artifacts/{rel}")
+        self.loop.append(NewEvent("integrity.violated", {
+            "step": None, "paths": over, "reverted": True,
+            "found": f"memory/artifacts/ over its cap of {self.cfg.artifacts_mb:g} MB; the largest files were "
+                     f"removed"}))
+
+    @staticmethod
+    def _artifact_sizes(artifacts: Path) -> dict[str, int]:
+        sizes = {}
+        for dirpath, _dirs, files, dirfd in os.fwalk(artifacts, follow_symlinks=False):
+            rel_dir = os.path.relpath(dirpath, artifacts)
+            for name in files:
+                try:
+                    size = os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_size
+                except OSError:
+                    continue
+                sizes[name if rel_dir == "." else f"{rel_dir}/{name}"] = size
+        return sizes
 
     def check_integrity(self, step: int | None) -> None:
         """Files of the workspace outside the editable globs that differ from the best commit (changed, added,

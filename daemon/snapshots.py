@@ -212,27 +212,37 @@ class Snapshots:
 
     def commit(self, workspace: Path, *, run: str, ref: str, message: str, parent: str | None = None) -> str:
         """Snapshot `workspace` as a commit (child of `parent`), pin it under refs/rloopd/<run>/<ref>."""
+        return self.commit_entries(self.entries(workspace), run=run, ref=ref, message=message, parent=parent)
+
+    def entries(self, workspace: Path) -> dict[str, tuple[str, str]]:
+        """{path: (git mode, blob sha)} of the workspace, its blobs written to the repository."""
         tree_files = read_tree(Path(workspace))
-        entries = []
-        if tree_files:
-            # the bytes were read safely (read_tree); git hashes copies in a private directory, never a
-            # path in the workspace, which could be a different file by the time git opens it
-            with tempfile.TemporaryDirectory(prefix="rloopd-snap-") as tmp:
-                names = []
-                for i, (_, data) in enumerate(tree_files.values()):
-                    (Path(tmp) / str(i)).write_bytes(data)
-                    names.append(str(Path(tmp) / str(i)))
-                shas = self._git("hash-object", "-w", "--no-filters", "--stdin-paths",
-                                 input="\n".join(names).encode()).split()
-            for (rel, (mode, _)), sha in zip(tree_files.items(), shas, strict=True):
-                entries.append(f"{mode} {sha.decode()}\t{rel}")
+        if not tree_files:
+            return {}
+        # the bytes were read safely (read_tree); git hashes copies in a private directory, never a path in
+        # the workspace, which could be a different file by the time git opens it
+        with tempfile.TemporaryDirectory(prefix="rloopd-snap-") as tmp:
+            names = []
+            for i, (_, data) in enumerate(tree_files.values()):
+                (Path(tmp) / str(i)).write_bytes(data)
+                names.append(str(Path(tmp) / str(i)))
+            shas = self._git("hash-object", "-w", "--no-filters", "--stdin-paths",
+                             input="\n".join(names).encode()).split()
+        return {rel: (mode, sha.decode()) for (rel, (mode, _)), sha in zip(tree_files.items(), shas, strict=True)}
+
+    def tree(self, entries: dict[str, tuple[str, str]]) -> str:
+        """The tree id of these entries (written to the repository; nothing else changes)."""
         with tempfile.TemporaryDirectory() as tmp:
             env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
             if entries:  # an empty workspace (e.g. a restore killed half-way) is the empty tree, not an error
-                self._git("update-index", "--add", "--index-info", input=("\n".join(entries) + "\n").encode(),
-                          env=env)
-            tree = self._git("write-tree", env=env).decode().strip()
-        args = ["commit-tree", tree, "-m", message]
+                listing = "".join(f"{mode} {sha}\t{rel}\n" for rel, (mode, sha) in entries.items())
+                self._git("update-index", "--add", "--index-info", input=listing.encode(), env=env)
+            return self._git("write-tree", env=env).decode().strip()
+
+    def commit_entries(self, entries: dict[str, tuple[str, str]], *, run: str, ref: str, message: str,
+                       parent: str | None = None) -> str:
+        """A commit of exactly these entries (see `entries`, `ls`), pinned under refs/rloopd/<run>/<ref>."""
+        args = ["commit-tree", self.tree(entries), "-m", message]
         if parent:
             args += ["-p", parent]
         commit = self._git(*args).decode().strip()
@@ -297,6 +307,20 @@ class Snapshots:
             found[path] = (mode, sha)
         return found
 
+    def files(self, commit: str) -> dict[str, bytes]:
+        """{path: bytes} of every regular file in the commit, in one `cat-file --batch` call."""
+        listing = {p: sha for p, (mode, sha) in self.ls(commit).items() if mode != "120000"}
+        if not listing:
+            return {}
+        out = self._git("cat-file", "--batch", input="".join(f"{sha}\n" for sha in listing.values()).encode())
+        found, pos = {}, 0
+        for path in listing:
+            header_end = out.index(b"\n", pos)
+            size = int(out[pos:header_end].split()[2])
+            found[path] = out[header_end + 1:header_end + 1 + size]
+            pos = header_end + 1 + size + 1
+        return found
+
     def read(self, commit: str, path: str) -> bytes:
         return self._git("cat-file", "blob", f"{commit}:{path}")
 
@@ -349,6 +373,5 @@ class Snapshots:
         return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
     def tree_equal(self, commit: str, workspace: Path) -> bool:
-        """Whether the workspace holds exactly the commit's files (for recovery checks)."""
-        probe = self.commit(workspace, run="_probe", ref="last", message="probe")
-        return self._git("rev-parse", f"{probe}^{{tree}}") == self._git("rev-parse", f"{commit}^{{tree}}")
+        """Whether the workspace holds exactly the commit's files (no ref is touched: runs may ask at once)."""
+        return self.tree(self.entries(workspace)) == self._git("rev-parse", f"{commit}^{{tree}}").decode().strip()

@@ -36,6 +36,8 @@ class LiveTable:
 
     def add(self, e: Event) -> None:
         d = e.data
+        if e.type.startswith("experiment.") and d.get("replica", 0):
+            return  # rerun:K's replicas of a step: its decision shows their mean
         if e.type == "experiment.started":
             self.rows[d["step"]] = {"step": d["step"], "description": d.get("description", ""), "status": "running"}
         elif e.type == "experiment.finished" and d["step"] in self.rows:
@@ -111,7 +113,8 @@ def status_table(rows: list[dict[str, Any]]) -> Table:
 
 
 def step_detail(h: Home, run: str, step: int) -> dict[str, Any]:
-    events = [e for e in h.log.read(run) if e.data.get("step") == step and e.type.startswith(("experiment.", "checkpoint."))]
+    events = [e for e in h.log.read(run) if e.data.get("step") == step and e.type.startswith(("experiment.", "checkpoint."))
+              and not e.data.get("replica")]  # the proposal (replica 0); rerun:K's replicas are in the decision
     started = [e for e in events if e.type == "experiment.started"]
     if not started:
         raise StepNotFound(f"run {run} has no step {step}")

@@ -52,9 +52,20 @@ class ExperimentsTable:
     def __init__(self, log: EventLog):
         self.log = log
         db = log.db
-        if "experiments" not in db.table_names():
-            db["experiments"].create(COLUMNS, pk=("run", "step", "replica"), if_not_exists=True)
-            db["projection_positions"].create({"name": str, "seq": int}, pk="name", if_not_exists=True)
+        if not {"experiments", "projection_positions"} <= set(db.table_names()):
+            # one write transaction for both tables: a daemon starting a batch's runs at once has several
+            # workers here together, and none may see one table without the other
+            ddl = [db.create_table_sql("experiments", COLUMNS, pk=("run", "step", "replica"), if_not_exists=True),
+                   db.create_table_sql("projection_positions", {"name": str, "seq": int}, pk="name",
+                                       if_not_exists=True)]
+            log.conn.execute("BEGIN IMMEDIATE")
+            try:
+                for sql in ddl:
+                    log.conn.execute(sql)
+                log.conn.execute("COMMIT")
+            except BaseException:
+                log.conn.execute("ROLLBACK")
+                raise
 
     def position(self) -> int:
         row = self.log.conn.execute("SELECT seq FROM projection_positions WHERE name = ?", (self.NAME,)).fetchone()

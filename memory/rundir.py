@@ -17,6 +17,7 @@ from typing import Any
 
 from rloopd.blobs import BlobStore
 from rloopd.log import Event
+from rloopd.snapshots import put_file, read_tree
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -105,20 +106,30 @@ def project_memory(run_dir: Path, mem: MemoryFiles, blobs: BlobStore, results_ts
         put(notes, mem.files["notes.md"])
     elif not notes.exists():
         write_atomic(notes, b"")
-    for path, blob in mem.files.items():
-        if path != "notes.md":
-            put(memory / path, blob)
+    for path, blob in mem.files.items():  # artifacts/: the agent's own directory, written by descriptor
+        if path != "notes.md" and (written.get(str(memory / path)) != blob or not (memory / path).is_file()):
+            put_file(memory, path, blobs.get(blob))
+            written[str(memory / path)] = blob
     # A checkpoint `rloopd gc` collected (a fork's at an old step) is simply absent; audit tells that from a loss.
     checkpoint = mem.checkpoint_blob if mem.checkpoint_blob and blobs.exists(mem.checkpoint_blob) else None
     if checkpoint:
         put(memory / CHECKPOINT, checkpoint, 0o444)
-    # What is not in the log does not survive: files the fold does not name are removed.
+    # What is not in the log does not survive: files the fold does not name are removed. Under artifacts/
+    # a live agent may swap a directory for a link, so that tree is walked and pruned by descriptor.
     keep = {"results.tsv", "notes.md", *mem.files} | ({CHECKPOINT} if checkpoint else set())
-    for path in sorted(memory.rglob("*"), reverse=True):
-        rel = path.relative_to(memory).as_posix()
-        if path.is_file() or path.is_symlink():
-            if rel not in keep:
-                path.unlink()
-                written.pop(str(path), None)
-        elif path.is_dir() and rel != "artifacts" and not any(path.iterdir()):
-            path.rmdir()
+    artifacts = memory / "artifacts"
+    if artifacts.is_dir() and not artifacts.is_symlink():
+        for rel in read_tree(artifacts, contents=False):
+            if f"artifacts/{rel}" not in keep:
+                put_file(memory, f"artifacts/{rel}", None)
+                written.pop(str(artifacts / rel), None)
+        for _, dirnames, _files, dirfd in os.fwalk(artifacts, topdown=False, follow_symlinks=False):
+            for name in dirnames:
+                try:
+                    os.rmdir(name, dir_fd=dirfd)  # only empty ones go
+                except OSError:
+                    pass
+    for path in memory.iterdir():
+        if path.name != "artifacts" and path.name not in keep and (path.is_file() or path.is_symlink()):
+            path.unlink()
+            written.pop(str(path), None)

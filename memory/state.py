@@ -80,13 +80,15 @@ def apply(state: RunState, e: Event) -> RunState:
                         session_waited=0.0, waiting_since=None, spent_tokens=0, spent_usd=0.0,
                         base_commit=d.get("base_commit", ""),
                         program_blob=d.get("program_blob") or s.program_blob,
-                        program_path=str(Path(d["lab"]) / d.get("config", {}).get("program", "program.md")))
+                        program_path=d.get("program_path") or
+                        str(Path(d["lab"]) / d.get("config", {}).get("program", "program.md")))
     if t == "run.created":
         return _replace(s, run=e.stream, name=d["name"], status="running", created=d,
                         metric=d.get("metric", "val_bpb"), direction=d.get("direction", "minimize"),
                         base_commit=d.get("base_commit", ""), best_commit=d.get("base_commit") or None,
                         program_blob=d.get("program_blob"),
-                        program_path=str(Path(d["lab"]) / d.get("config", {}).get("program", "program.md")))
+                        program_path=d.get("program_path") or
+                        str(Path(d["lab"]) / d.get("config", {}).get("program", "program.md")))
     if t == "experiment.submitted":  # in a session: the clock stops until the experiment has its slot
         return _replace(s, waiting_since=e.at) if s.open_session is not None else s
     if t == "experiment.started":

@@ -82,6 +82,7 @@ def test_a_cli_session_edits_submits_writes_a_note_and_is_recorded(home, tmp_pat
     [decided] = [e.data for e in home.log.read(run, types=["experiment.decided"]) if e.data["step"] == 1]
     [started] = [e.data for e in home.log.read(run, types=["experiment.started"]) if e.data["step"] == 1]
     assert b"DEPTH = 3" in home.snapshots.read(started["commit"], "train.py")
+    assert started["category"] == "depth"  # classified from the diff (daemon/categories.py)
     assert decided["accepted"] in (True, False)
     recorded = acts(home, run)
     kinds = {a["kind"] for a in recorded}
@@ -110,18 +111,19 @@ def test_a_cli_session_edits_submits_writes_a_note_and_is_recorded(home, tmp_pat
     assert found.stdout == ""  # the credential is nowhere in the home
 
 
-ESCAPES = [
-    Turn([("shell", "echo owned >> frozen/experiment.py; echo frozen-exit=$?")]),
-    Turn([("shell", "cat $RLOOPD_HOME/events.db || ls ../../events.db || echo no-log")]),
-    Turn([("shell", "python3 -c \"import sqlite3,os; print(os.listdir('..'))\" 2>&1 | tail -1")]),
-    Turn(text="I could not get out."),
-]
+def escapes(home_path: Path) -> list[Turn]:
+    return [
+        Turn([("shell", "echo owned >> frozen/experiment.py; echo frozen-exit=$?")]),
+        Turn([("shell", f"head -c 16 {home_path}/events.db; echo read-exit=$?")]),
+        Turn([("shell", f"ls {home_path}/runs {home_path}/blobs; echo list-exit=$?")]),
+        Turn(text="I could not get out."),
+    ]
 
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("kind,model", [("codex", CODEX_MODEL), ("claude", CLAUDE_MODEL)])
 def test_a_cli_agent_cannot_edit_frozen_files_or_read_the_log(home, tmp_path, keys, kind, model):
-    with ModelServer(ESCAPES) as server:
+    with ModelServer(escapes(home.path)) as server:
         lab = cli_lab(tmp_path, kind, server)
         run = start(home, lab, kind, model, n=1)
         server.cwd = home.run_dir(run)
@@ -132,7 +134,9 @@ def test_a_cli_agent_cannot_edit_frozen_files_or_read_the_log(home, tmp_path, ke
     assert len(commands) >= 3, acts(home, run)
     details = [home.blobs.get(a["detail_blob"]).decode() for a in commands]
     assert "frozen-exit=0" not in details[0] and "frozen-exit=" in details[0]
+    assert "read-exit=" in details[1] and "read-exit=0" not in details[1]
     assert "SQLite format" not in "".join(details)  # the event log's bytes never reached the agent
+    assert "list-exit=" in details[2] and "list-exit=0" not in details[2]
     assert not [e for e in home.log.read(run, types=["integrity.violated"])]  # nothing got through
 
 

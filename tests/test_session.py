@@ -107,3 +107,13 @@ def test_children_left_behind_do_not_outlive_the_session(tmp_path):
     while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
         time.sleep(0.05)
     assert not os.path.exists(f"/proc/{pid}")
+
+
+def test_a_process_of_the_agent_cannot_reopen_the_stream_through_proc(tmp_path):
+    """The CLI's stdout is what rloopd parses; a command the agent runs must not be able to write into it
+    by opening /proc/<the CLI's pid>/fd/1 (possible with a pipe, refused for a socket)."""
+    lines = []
+    script = 'echo real; sh -c \'echo forged > /proc/$PPID/fd/1\' 2>/dev/null; echo "status $?"'
+    result = run_session(SessionSpec(["sh", "-c", script], tmp_path, dict(os.environ), on_line=lines.append,
+                                     separate_stderr=True))
+    assert lines == [b"real", b"status 2"] and b"forged" not in result.output

@@ -467,3 +467,70 @@ exit 0
     assert not [e for e in events(home, run, "memory.written") if e["blob"]]
     grep = subprocess.run(["grep", "-r", "-l", "Zq9 root only", str(home.path)], capture_output=True, text=True)
     assert grep.stdout == ""
+
+
+def test_a_pause_during_the_submit_made_for_the_agent_still_closes_the_session(home, tmp_path, monkeypatch):
+    """The agent left changes and exited; the daemon submits them; a pause interrupts that experiment. The
+    session must still be recorded as ended (output kept), so the window clock stops with the pause; what
+    the agent left in its HOME goes with the session, although the run is not finished."""
+    import threading
+
+    from rloopd.loop import LoopOptions, Stop
+
+    monkeypatch.setenv("SERVICE_TOKEN", SECRET)
+    lab = lab_with_agent(tmp_path, "sed -i 's/^DEPTH = .*/DEPTH = 5/' workspace/train.py\n"
+                                   'mkdir -p "$HOME/.cache" && echo "$SERVICE_TOKEN" > "$HOME/.cache/t"\n'
+                                   'echo "$SERVICE_TOKEN" > "$TMPDIR/t"\necho bye\nexit 0\n', SLEEP=3.0)
+    run = start(home, lab, n=3)
+    stop = Stop()
+    loop = Loop(home, run, LoopOptions(stop=stop))
+    worker = threading.Thread(target=loop.run)
+    worker.start()
+    wait_for(lambda: any("changes left" in e["message"] for e in events(home, run, "experiment.submitted")) and
+             len(events(home, run, "experiment.started")) == 2, timeout=60)
+    stop.set("paused", by="test")
+    worker.join(60)
+    [ended] = events(home, run, "session.ended")
+    assert b"bye" in home.blobs.get(ended["output_blob"])
+    state = run_state(home.log, run)
+    assert state.status == "paused" and state.open_session is None and state.session_started_at is None
+    assert [e["status"] for e in events(home, run, "experiment.finished")][-1] == "interrupted"
+    home.log.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    found = subprocess.run(["grep", "-r", "-l", SECRET, str(home.path)], capture_output=True, text=True)
+    assert found.stdout == ""
+
+
+def test_the_empty_session_count_survives_a_daemon_restart(home, tmp_path):
+    import threading
+
+    from rloopd.loop import LoopOptions, Stop
+
+    lab = lab_with_agent(tmp_path, "exit 0\n", "empty_cap = 2\n")
+    (lab / "rloop.toml").write_text((lab / "rloop.toml").read_text().replace("backoff = 0", "backoff = 5"))
+    run = start(home, lab, n=5)
+    stop = Stop()
+    worker = threading.Thread(target=Loop(home, run, LoopOptions(stop=stop)).run)
+    worker.start()
+    wait_for(lambda: len(events(home, run, "session.ended")) == 1, timeout=60)
+    stop.set("shutdown")  # as a daemon going down: nothing is recorded, the run resumes
+    worker.join(60)
+    Loop(home, run).run()
+    assert len(events(home, run, "session.ended")) == 2  # one more empty session, not two
+    [finished] = events(home, run, "run.finished")
+    assert finished["reason"] == "empty-cap"
+
+
+def test_artifacts_over_their_cap_are_removed_and_recorded(home, tmp_path):
+    lab = lab_with_agent(tmp_path, """
+head -c 700000 /dev/zero > memory/artifacts/big.bin
+head -c 400000 /dev/zero > memory/artifacts/medium.bin
+echo small > memory/artifacts/small.txt
+exit 0
+""", "empty_cap = 1\nartifacts_mb = 1\n")
+    run = start(home, lab, n=1)
+    Loop(home, run).run()
+    [violated] = events(home, run, "integrity.violated")
+    assert violated["paths"] == ["memory/artifacts/big.bin"] and "cap of 1 MB" in violated["found"]
+    kept = {e["path"] for e in events(home, run, "memory.written") if e["blob"]}
+    assert kept == {"artifacts/medium.bin", "artifacts/small.txt"}
+    assert not (home.run_dir(run) / "memory" / "artifacts" / "big.bin").exists()

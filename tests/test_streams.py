@@ -8,6 +8,16 @@ import json
 from rloopd.agents.streams import ClaudeStream, CodexStream
 
 
+def ticking(step: float = 1.5):
+    """A clock that moves `step` seconds each time it is read."""
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += step
+        return now[0]
+    return clock
+
+
 def feed(parser, *events):
     acts = []
     for e in events:
@@ -17,6 +27,7 @@ def feed(parser, *events):
 
 def test_codex_items_become_acts_and_usage_adds_up_over_turns():
     p = CodexStream()
+    p.clock = ticking()
     acts = feed(p,
                 {"type": "thread.started", "thread_id": "t"}, {"type": "turn.started"},
                 {"type": "item.completed", "item": {"id": "0", "type": "reasoning", "text": "Look first."}},
@@ -32,7 +43,7 @@ def test_codex_items_become_acts_and_usage_adds_up_over_turns():
                                                      "output_tokens": 200, "reasoning_output_tokens": 10}},
                 {"type": "turn.completed", "usage": {"input_tokens": 100, "output_tokens": 5}})
     assert [(a.kind, a.summary) for a in acts] == [
-        ("reasoning", "Look first."), ("command", "cat program.md -> exit 0"),
+        ("reasoning", "Look first."), ("command", "cat program.md -> exit 0 in 1.5 s"),
         ("edit", "update /r/workspace/train.py"), ("message", "Deeper.")]
     assert "# Program" in acts[1].detail
     assert p.usage == {"input": 4100, "cached_input": 1000, "output": 205, "reasoning": 10} and p.tokens == 4305
@@ -52,6 +63,7 @@ def test_codex_gives_up_on_a_rate_limit_as_a_provider_error_and_on_a_401_as_an_e
 
 def test_claude_tool_calls_are_recorded_with_their_results_and_exit_codes():
     p = ClaudeStream()
+    p.clock = ticking()
     acts = feed(p,
                 {"type": "system", "subtype": "init", "model": "m", "tools": ["Bash"]},
                 {"type": "assistant", "message": {"id": "m1", "content": [{"type": "text", "text": "Let me look."}],
@@ -67,7 +79,7 @@ def test_claude_tool_calls_are_recorded_with_their_results_and_exit_codes():
                 {"type": "user", "message": {"content": [{"type": "tool_result", "tool_use_id": "t2",
                                                           "content": [{"type": "text", "text": "ok"}]}]}})
     assert [(a.kind, a.summary) for a in acts] == [
-        ("message", "Let me look."), ("command", "false -> exit 3"), ("edit", "edit /r/workspace/train.py (ok)"),
+        ("message", "Let me look."), ("command", "false -> exit 3 in 1.5 s"), ("edit", "edit /r/workspace/train.py (ok)"),
         ("command", "sleep 100 -> exit None")]  # the last one never got its result: recorded at the end
     assert p.usage == {"input": 10, "output": 9}  # live, per message (the last partial usage of each)
     feed(p, {"type": "result", "subtype": "success", "is_error": False, "total_cost_usd": 0.02,
@@ -95,3 +107,14 @@ def test_a_malformed_or_cut_line_is_recorded_and_skipped():
                 {"type": "assistant", "message": {"id": "m", "content": [{"type": "text", "text": "still here"}]}})
     assert [a.kind for a in acts] == ["error", "error", "error", "error", "message"]
     assert p.malformed == 4 and "unreadable stream line" in acts[0].summary and acts[1].detail.startswith('{"type"')
+
+
+def test_hostile_lines_cannot_crash_the_parser_or_lower_the_usage():
+    p = CodexStream()
+    acts = feed(p, "[" * 200_000, {"type": "turn.completed", "usage": {"input_tokens": -999999999,
+                                                                       "output_tokens": True}},
+                {"type": "turn.completed", "usage": {"input_tokens": 7, "output_tokens": 3}})
+    assert [a.kind for a in acts] == ["error"] and p.usage == {"input": 7, "output": 3}
+    c = ClaudeStream()
+    feed(c, {"type": "result", "usage": {"input_tokens": -5, "output_tokens": 2}, "total_cost_usd": -3})
+    assert c.usage == {"input": 0, "output": 2} and c.cost_usd is None

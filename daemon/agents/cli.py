@@ -2,7 +2,12 @@
 
 Options in the spec (they override `[agent]` in rloop.toml): `effort` (Codex: model_reasoning_effort,
 e.g. low|medium|high; Claude Code: --effort, low|medium|high|xhigh|max), `max_tokens` and `max_usd` (the
-run's spend cap: input plus output tokens, and dollars where the CLI reports a cost; Codex reports none).
+run's spend cap: input plus output tokens, and dollars; `max_usd` only for Claude Code, since Codex
+reports no cost). Claude Code reports usage per message as it goes, so its cap can end a session midway
+(and `--max-budget-usd` is passed too); Codex reports usage once, when `codex exec` ends, so its cap is
+checked at session boundaries, and a Codex session the daemon ends early (window, pause, timeout) records
+no usage. The usage comes from the CLI's own stream: the CLI's, not the agent's commands' (rloopd reads it
+from a socket they cannot reopen), but rloopd does not meter the provider itself.
 `[agent]` also takes `args` (extra words for the CLI), `binary` (the CLI's path; default `codex`/`claude`
 on the daemon's PATH) and `codex_config` (a table merged into Codex's configuration, e.g. a custom model
 provider). Examples: `codex:gpt-5.5,effort=high`, `claude:claude-sonnet-4-5,max_usd=20`.
@@ -23,7 +28,6 @@ runs never do. Credentials come from the daemon's environment (the service's env
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -64,19 +68,23 @@ class CliAgent:
     def program(self) -> str:
         return self.binary or self.kind
 
-    def command(self, run_dir: str, *, budget_seconds: float | None, usd_left: float | None) -> list[str]:
+    def command(self, run_dir: str, *, session_seconds: float, usd_left: float | None) -> list[str]:
         if self.kind == "codex":
-            config = _merge(CODEX_QUIET, json.loads(self.codex_config))
+            # a command it backgrounds may run as long as the session (`rloopd submit` waits for a whole
+            # experiment); its shell tool yields and the model polls, so nothing kills the submit
+            config = _merge(CODEX_QUIET | {"background_terminal_max_timeout": int(session_seconds * 1000)},
+                            json.loads(self.codex_config))
             if self.effort:
                 config["model_reasoning_effort"] = self.effort
-            argv = [self.program, "exec", "--json", "--skip-git-repo-check",
+            argv = [self.program, "exec", "--json", "--skip-git-repo-check", "--ephemeral",
                     "--dangerously-bypass-approvals-and-sandbox", "-C", run_dir]
             for key, value in _flatten(config):
                 argv += ["-c", f"{key}={json.dumps(value)}"]
             if self.model:
                 argv += ["-m", self.model]
             return [*argv, *self.args, "-"]
-        argv = [self.program, "-p", "--output-format", "stream-json", "--verbose", "--dangerously-skip-permissions"]
+        argv = [self.program, "-p", "--output-format", "stream-json", "--verbose", "--dangerously-skip-permissions",
+                "--no-session-persistence"]
         if self.model:
             argv += ["--model", self.model]
         if self.effort:
@@ -85,7 +93,7 @@ class CliAgent:
             argv += ["--max-budget-usd", f"{max(usd_left, 0.0):.4f}"]
         return [*argv, *self.args]
 
-    def environment(self, home: Path, *, budget_seconds: float | None) -> dict[str, str]:
+    def environment(self, home: Path, *, session_seconds: float) -> dict[str, str]:
         """What the CLI needs on top of the session's environment (HOME is the session's already)."""
         env = dict(QUIET_ENV)
         if self.kind == "codex":
@@ -94,20 +102,22 @@ class CliAgent:
         else:
             (home / ".claude").mkdir(parents=True, exist_ok=True)
             env["CLAUDE_CONFIG_DIR"] = str(home / ".claude")
-            if budget_seconds:  # `rloopd submit` waits for a whole experiment: the Bash tool must too
-                ms = str(int((budget_seconds * 2 + 600) * 1000))
-                env.update(BASH_DEFAULT_TIMEOUT_MS=ms, BASH_MAX_TIMEOUT_MS=ms)
+            # `rloopd submit` waits for a whole experiment, slot waits included: a command may take as long
+            # as the session may (the default of 2 minutes would kill it)
+            ms = str(int(session_seconds * 1000))
+            env.update(BASH_DEFAULT_TIMEOUT_MS=ms, BASH_MAX_TIMEOUT_MS=ms)
         return env
 
     def parser(self) -> StreamParser:
         return PARSERS[self.kind]()
 
     @staticmethod
-    def version(binary: str) -> str | None:
-        """The first line the CLI prints for `--version` (recorded on session.started), or None."""
+    def version(argv: list[str], env: dict[str, str], cwd: Path) -> str | None:
+        """The first line the CLI prints for `--version` (recorded on session.started), or None. `argv` is
+        the sandbox prefix and the binary: the binary is the lab's choice, so it never runs outside."""
         try:
-            out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30,
-                                 env={**os.environ, **QUIET_ENV}, stdin=subprocess.DEVNULL)
+            out = subprocess.run([*argv, "--version"], capture_output=True, text=True, timeout=30, env=env,
+                                 cwd=cwd, stdin=subprocess.DEVNULL)
         except (OSError, subprocess.TimeoutExpired):
             return None
         line = (out.stdout or out.stderr).strip().splitlines()
@@ -140,6 +150,9 @@ def parse_cli(spec: str, config: Any = None, where: str = "--agent") -> CliAgent
     for key in ("max_tokens", "max_usd"):
         if values.get(key) is not None and values[key] <= 0:
             raise LabConfigError(f"{where} {spec!r}: {key} must be positive")
+    if kind == "codex" and values.get("max_usd") is not None:
+        raise LabConfigError(f"{where} {spec!r}: max_usd: codex reports no cost, so a money cap could never "
+                             f"bind; cap its tokens with max_tokens")
     return CliAgent(kind, spec, model=model, effort=values.get("effort"), max_tokens=values.get("max_tokens"),
                     max_usd=values.get("max_usd"), args=tuple(getattr(config, "args", ()) or ()),
                     binary=getattr(config, "binary", None),

@@ -31,7 +31,8 @@ def parse_agent(spec: str) -> str:
         return "one"
     if spec == "random:all":
         return "all"
-    raise LabConfigError(f"--agent {spec!r}: this version knows 'random', 'random:all' and cmd:'COMMAND ...'")
+    raise LabConfigError(f"--agent {spec!r}: this version knows 'random', 'random:all', 'optuna[:tpe|gp|cmaes|random]', "
+                         "'codex', 'claude' and cmd:'COMMAND ...'")
 
 
 def current_constants(source: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,13 @@ class StreamParser:
     retries: int = 0  # provider errors the CLI retried
     lines: int = 0
     malformed: int = 0
+    began: dict[str, float] = field(default_factory=dict)  # a command's id -> when its start was read
+    clock: Any = time.monotonic  # the CLIs print no durations: rloopd times start and end as they arrive
+
+    def took(self, key: str) -> str:
+        """` in 1.2 s` for a command whose start was seen, else ``."""
+        start = self.began.pop(key, None)
+        return "" if start is None else f" in {self.clock() - start:.1f} s"
 
     def feed(self, line: bytes | str) -> list[Act]:
         """The acts one line of the stream yields (an `error` act for a line that cannot be read)."""
@@ -60,7 +68,7 @@ class StreamParser:
             if not isinstance(event, dict):
                 raise ValueError("not a JSON object")
             return self._event(event)
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except Exception as e:  # noqa: BLE001 - any line, however made (RecursionError included), is skipped
             self.malformed += 1
             return [Act("error", f"{self.name}: unreadable stream line skipped ({type(e).__name__}: "
                                  f"{_short(str(e), 80)}): {_short(text, 120)}", text)]
@@ -96,6 +104,9 @@ class CodexStream(StreamParser):
 
     def _event(self, event: dict[str, Any]) -> list[Act]:
         kind = event["type"]
+        if kind == "item.started" and isinstance(event.get("item"), dict):
+            self.began[str(event["item"].get("id"))] = self.clock()
+            return []
         if kind == "item.completed":
             return self._item(event["item"])
         if kind == "turn.completed":
@@ -103,7 +114,7 @@ class CodexStream(StreamParser):
             for ours, theirs in (("input", "input_tokens"), ("cached_input", "cached_input_tokens"),
                                  ("cache_write", "cache_write_input_tokens"), ("output", "output_tokens"),
                                  ("reasoning", "reasoning_output_tokens")):
-                if isinstance(u.get(theirs), int):
+                if _count(u.get(theirs)):
                     self.usage[ours] = self.usage.get(ours, 0) + u[theirs]
             return []
         if kind == "error":  # "Reconnecting... n/N (...)" while it retries, or the error it gives up on
@@ -122,7 +133,7 @@ class CodexStream(StreamParser):
         if t == "command_execution":
             command = _unwrap_shell(str(item.get("command", "")))
             code = item.get("exit_code")
-            return [Act("command", f"{_short(command, SUMMARY)} -> exit {code}",
+            return [Act("command", f"{_short(command, SUMMARY)} -> exit {code}{self.took(str(item.get('id')))}",
                         f"$ {command}\n{item.get('aggregated_output') or ''}\n[exit {code}]")]
         if t == "file_change":
             changes = item.get("changes") or []
@@ -178,7 +189,8 @@ class ClaudeStream(StreamParser):
         if kind == "result":
             if isinstance(event.get("usage"), dict):
                 self.usage = _claude_usage(event["usage"])
-            if isinstance(event.get("total_cost_usd"), (int, float)):
+            cost = event.get("total_cost_usd")
+            if isinstance(cost, (int, float)) and not isinstance(cost, bool) and 0 <= cost < 1e9:
                 self.cost_usd = float(event["total_cost_usd"])
             if event.get("is_error") or event.get("subtype", "success") != "success":
                 status = event.get("api_error_status")
@@ -205,14 +217,19 @@ class ClaudeStream(StreamParser):
             return [Act("reasoning", _short(text, SUMMARY), text)] if text.strip() else []
         if t == "tool_use":
             self.pending[str(block.get("id"))] = block
+            self.began[str(block.get("id"))] = self.clock()
         return []
 
     def _result(self, block: dict[str, Any]) -> list[Act]:
-        use = self.pending.pop(str(block.get("tool_use_id")), None) or {"name": "?", "input": {}}
+        key = str(block.get("tool_use_id"))
+        use = self.pending.pop(key, None) or {"name": "?", "input": {}}
         output = block.get("content")
         if isinstance(output, list):
             output = "\n".join(str(c.get("text", "")) for c in output if isinstance(c, dict))
-        return [_claude_act(use, str(output or ""), bool(block.get("is_error")))]
+        act = _claude_act(use, str(output or ""), bool(block.get("is_error")))
+        if act.kind == "command":
+            act.summary += self.took(key)
+        return [act]
 
     def finish(self) -> list[Act]:
         acts = [_claude_act(use, "", None) for use in self.pending.values()]
@@ -239,7 +256,7 @@ def _claude_act(use: dict[str, Any], output: str, is_error: bool | None) -> Act:
 
 def _claude_usage(u: dict[str, Any]) -> dict[str, int]:
     def n(key: str) -> int:
-        return u.get(key) if isinstance(u.get(key), int) else 0
+        return u[key] if _count(u.get(key)) else 0
 
     read, write = n("cache_read_input_tokens"), n("cache_creation_input_tokens")
     out = {"input": n("input_tokens") + read + write, "output": n("output_tokens")}
@@ -248,6 +265,12 @@ def _claude_usage(u: dict[str, Any]) -> dict[str, int]:
     if write:
         out["cache_write"] = write
     return out
+
+
+def _count(value: Any) -> bool:
+    """A token count as the CLIs print them: a non-negative int (the stream is the agent's process's
+    output, so nothing in it is trusted further than that)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**12
 
 
 def _unwrap_shell(command: str) -> str:

@@ -1,0 +1,306 @@
+"""`rloopd report`: figures, summary.json and the HTML page from the log alone; its numbers against a hand
+computation from the events; bad input; and the page in headless Chromium with no request leaving."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import subprocess
+from pathlib import Path
+
+import pytest
+from scipy.stats import mannwhitneyu
+
+from rloopd import runs
+from rloopd.fork import fork_run
+from rloopd.home import Home
+from rloopd.log import NewEvent
+from rloopd.loop import Loop
+from rloopd.report import FILES, ReportInputError, build_report, write_report
+
+from .conftest import need_tool, rloopd
+
+INSTANT = Path(__file__).parent / "labs" / "instant"
+BATCH = "b0a7c4e5d6f1"
+QUESTION = "Does drawing every constant at once beat changing one?"
+CONDITIONS = {"random": "random", "all": "random:all"}  # condition -> agent
+REPEATS, EXPERIMENTS = 2, 3
+
+
+def quantile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default), written out."""
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q
+    lo = int(pos)
+    return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (pos - lo)
+
+
+@pytest.fixture(scope="module")
+def batch_home(tmp_path_factory) -> dict:
+    """A batch of 2 conditions x 2 repeats on the instant lab, run to the end, and its report by the CLI."""
+    tmp = tmp_path_factory.mktemp("report")
+    lab = tmp / "lab"
+    shutil.copytree(INSTANT, lab)
+    home_dir = tmp / "home"
+    made = {}
+    with Home.open(home_dir) as home:  # what `rloopd batch run` records: batch.created, then tagged runs
+        home.log.append_one(f"batch:{BATCH}", "batch.created", {
+            "question": QUESTION, "repeats": REPEATS,
+            "conditions": [{"name": c, "agent": a} for c, a in CONDITIONS.items()],
+            "criteria": {"metric": "val_bpb", "baseline": "random", "statistic": "median"}})
+        for r in range(REPEATS):
+            for condition, agent in CONDITIONS.items():
+                run = runs.create_run(home, lab, agent=agent, experiments=EXPERIMENTS, budget=None, seed=r,
+                                      name=f"{condition}-{r}", sandbox="none", batch=BATCH, condition=condition)
+                home.log.append_one(f"batch:{BATCH}", "batch.run-added", {"run": run, "condition": condition})
+                Loop(home, run).run()
+                made[run] = condition
+    out = tmp / "out"
+    proc = rloopd("report", "--batch", BATCH, "-o", str(out), "--json", home=home_dir, check=True)
+    return {"home": home_dir, "runs": made, "out": out, "printed": json.loads(proc.stdout), "tmp": tmp}
+
+
+def by_hand(home_dir: Path, run: str) -> dict:
+    """DESIGN section 3's numbers of one run, read straight from its events."""
+    with Home.open(home_dir, create=False) as home:
+        events = list(home.log.read(run))
+    experiments = [e.data for e in events if e.type == "experiment.finished" and e.data["step"] >= 1
+                   and e.data.get("replica", 0) == 0 and e.data["status"] != "interrupted"]
+    decided = [e.data for e in events if e.type == "experiment.decided"]
+    accepted = [d for d in decided if d["accepted"] and d["step"] >= 1]
+    best = [d["best_after"] for d in decided if d["accepted"]][-1]
+    category = {e.data["step"]: e.data["category"] for e in events if e.type == "experiment.started"}
+    return {"experiments": len(experiments), "valid": sum(f["status"] == "ok" for f in experiments),
+            "accepted_pct": 100 * len(accepted) / len(experiments), "final_best": best,
+            "improved": {category[d["step"]] for d in accepted},
+            "gains": [(category[d["step"]], d["best_before"] - d["best_after"]) for d in accepted]}
+
+
+def test_report_files_and_numbers_match_the_events(batch_home):
+    out, summary = batch_home["out"], json.loads((batch_home["out"] / "summary.json").read_text())
+    for name in FILES:
+        assert (out / name).stat().st_size > 0, name
+    for name in ("curves.png", "runs.png", "ideas.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert batch_home["printed"]["summary"] == summary
+    assert summary["question"] == QUESTION and summary["baseline"] == "random" and summary["batch"] == BATCH
+    assert list(summary["conditions"]) == ["random", "all"]  # the baseline first
+    hand = {run: by_hand(batch_home["home"], run) for run in batch_home["runs"]}
+    for condition in CONDITIONS:
+        mine = [run for run, c in batch_home["runs"].items() if c == condition]
+        got = summary["conditions"][condition]
+        assert got["runs"] == mine
+        finals = [hand[r]["final_best"] for r in mine]
+        assert got["median_final_best"] == pytest.approx(statistics.median(finals))
+        assert got["iqr"] == pytest.approx(quantile(finals, 0.75) - quantile(finals, 0.25))
+        best = min(mine, key=lambda r: hand[r]["final_best"])
+        assert got["best_run"]["run"] == best and got["best_run"]["value"] == hand[best]["final_best"]
+        assert got["accepted_pct"]["values"] == pytest.approx([hand[r]["accepted_pct"] for r in mine])
+        assert got["accepted_pct"]["median"] == pytest.approx(statistics.median(hand[r]["accepted_pct"] for r in mine))
+        assert got["valid_experiments"]["values"] == [hand[r]["valid"] for r in mine]
+        assert got["restarts"]["values"] == [0] * REPEATS  # built-in agents open no sessions
+        assert got["theoretical_max"] is None  # a step budget
+        for cat, idea in got["ideas"].items():
+            improved = [r for r in mine if cat in hand[r]["improved"]]
+            gains = [g for r in mine for c, g in hand[r]["gains"] if c == cat]
+            assert idea["improved_runs"] == len(improved) and idea["share"] == pytest.approx(len(improved) / REPEATS)
+            assert idea["mean_improvement"] == (pytest.approx(sum(gains) / len(gains)) if gains else None)
+    [cmp] = summary["comparisons"]
+    base = [hand[r]["final_best"] for r, c in batch_home["runs"].items() if c == "random"]
+    other = [hand[r]["final_best"] for r, c in batch_home["runs"].items() if c == "all"]
+    assert cmp["condition"] == "all" and cmp["baseline"] == "random"
+    assert cmp["difference"] == pytest.approx(statistics.median(other) - statistics.median(base))
+    test = mannwhitneyu(other, base, alternative="two-sided")
+    assert cmp["u"] == pytest.approx(test.statistic) and cmp["p_value"] == pytest.approx(test.pvalue)
+    assert cmp["ci"][0] <= cmp["ci"][1]
+
+
+def test_report_is_deterministic_and_the_page_is_self_contained(batch_home):
+    again = batch_home["tmp"] / "again"
+    with Home.open(batch_home["home"], create=False) as home:
+        write_report(home.log, again, batch=BATCH)
+    assert (again / "summary.json").read_text() == (batch_home["out"] / "summary.json").read_text()
+    for name in ("curves.png", "runs.png", "ideas.png"):
+        assert (again / name).read_bytes() == (batch_home["out"] / name).read_bytes(), name
+    page = (batch_home["out"] / "report.html").read_text()
+    assert "http://" not in page and "https://" not in page
+    assert "<script" not in page and "<link" not in page and "url(" not in page
+    assert page.count('<img src="data:image/png;base64,') == 3
+    assert QUESTION in page.replace("&#x27;", "'")
+    for run in batch_home["runs"]:
+        assert run in page
+
+
+def test_fork_lineage_is_on_the_page(batch_home):
+    parent = next(iter(batch_home["runs"]))
+    with Home.open(batch_home["home"], create=False) as home:
+        fork = fork_run(home, parent, 2, name="forked-at-2", experiments=0)
+        report = build_report(home.log, runs=[fork, parent])
+        out = batch_home["tmp"] / "fork"
+        write_report(home.log, out, runs=[fork, parent])
+    row = next(r for r in report.summary["runs"] if r["run"] == fork)
+    assert row["lineage"] == [{"run": parent, "step": 2, "n": row["lineage"][0]["n"], "name": "random-0"}]
+    assert row["experiments"] == 2  # the parent's prefix counts, as `rloopd status` counts it
+    page = (out / "report.html").read_text()
+    assert f"random-0 ({parent}) @ step 2 → forked-at-2" in page
+    with Home.open(batch_home["home"], create=False) as home:  # the fork inherits the batch field; no repeat
+        assert fork not in build_report(home.log, batch=BATCH).summary["conditions"]["random"]["runs"]
+
+
+# --- hand-written logs: the definitions, exactly ---------------------------------------------------
+
+
+def write_run(home: Home, run: str, steps: list[tuple[str, dict]], **created) -> None:
+    home.log.append(run, [NewEvent("run.created", {"name": run, "lab": "/lab", **created}),
+                          *(NewEvent(t, d) for t, d in steps)], expected_n=0)
+
+
+def experiment(step: int, status: str, value: float | None, category: str | None = None, *, attempt: int = 0,
+               replica: int = 0, metric: str = "val_bpb") -> list[tuple[str, dict]]:
+    return [("experiment.started", {"step": step, "replica": replica, "attempt": attempt, "commit": "c",
+                                    "category": category}),
+            ("experiment.finished", {"step": step, "replica": replica, "attempt": attempt, "status": status,
+                                     "metrics": {} if value is None else {metric: value}})]
+
+
+def decided(step: int, before: float | None, after: float | None, accepted: bool) -> tuple[str, dict]:
+    return ("experiment.decided", {"step": step, "accepted": accepted, "best_before": before, "best_after": after})
+
+
+def session(n: int, start: bool, reason: str = "agent-exit") -> tuple[str, dict]:
+    return ("session.started", {"session": n, "agent": "cmd:x"}) if start else \
+        ("session.ended", {"session": n, "reason": reason})
+
+
+def test_definitions_on_a_hand_written_log(home):
+    write_run(home, "agent-run", [
+        session(1, True), *experiment(0, "ok", 2.0), decided(0, None, 2.0, True),
+        *experiment(1, "interrupted", None, "depth"),  # not an experiment: started again as attempt 1
+        session(1, False, "agent-exit"), session(2, True),  # restart 1
+        *experiment(1, "ok", 1.8, "depth", attempt=1), decided(1, 2.0, 1.8, True),
+        *experiment(2, "crashed", None, "learning rate"), decided(2, 1.8, 1.8, False),  # counts, not valid
+        *experiment(3, "ok", 1.7, "depth"), *experiment(3, "ok", 1.75, "depth", replica=1),  # a replica: not counted
+        decided(3, 1.8, 1.7, True),
+        session(2, False, "window"), session(3, True),  # the window closed: not a restart
+        *experiment(4, "ok", 1.9), decided(4, 1.7, 1.7, False),
+        session(3, False, "agent-exit"), session(4, True), session(4, False, "timeout"),  # restart 2
+    ], budget="60", window_seconds=3600.0, agent="cmd:x")
+    write_run(home, "random-run", [*experiment(0, "ok", 2.1), decided(0, None, 2.1, True),
+                                   *experiment(1, "ok", 2.0, "width"), decided(1, 2.1, 2.0, True)],
+              budget="steps:10", window_seconds=3600.0)
+    report = build_report(home.log, groups={"agent": ["agent-run"], "random": ["random-run"]}, question="q?")
+    a, r = (report.conditions[c][0] for c in ("agent", "random"))
+    assert (a.experiments, a.valid, a.accepted, a.accepted_pct, a.restarts) == (4, 3, 2, 50.0, 2)
+    assert (a.final_best, a.best_step, a.theoretical_max) == (1.7, 3, 60)  # floor(3600 / 60)
+    assert a.curve == [2.0, 1.8, 1.8, 1.7, 1.7]
+    assert a.categories == {"depth": {"tried": 2, "improvements": [pytest.approx(0.2), pytest.approx(0.1)]},
+                            "learning rate": {"tried": 1, "improvements": []},
+                            "uncategorized": {"tried": 1, "improvements": []}}
+    assert (r.theoretical_max, r.accepted_pct, r.restarts) == (None, 100.0, 0)  # no maximum for a step budget
+    s = report.summary
+    assert s["baseline"] == "random" and list(s["conditions"]) == ["random", "agent"]
+    assert s["conditions"]["agent"]["theoretical_max"] == 60 and s["conditions"]["random"]["theoretical_max"] is None
+    assert s["conditions"]["agent"]["ideas"]["depth"] == {
+        "tried_runs": 1, "improved_runs": 1, "share": 1.0, "mean_improvement": pytest.approx(0.15), "accepted": 2}
+    [cmp] = s["comparisons"]
+    assert cmp["difference"] == pytest.approx(-0.3) and cmp["ci"] == [pytest.approx(-0.3)] * 2
+    assert (cmp["u"], cmp["p_value"]) == (0.0, 1.0)
+
+
+def test_a_maximized_metric_reads_the_other_way(home):
+    for run, values in (("up-1", [0.5, 0.7]), ("up-2", [0.5, 0.6])):
+        steps = [*experiment(0, "ok", values[0], metric="acc"), decided(0, None, values[0], True),
+                 *experiment(1, "ok", values[1], "width", metric="acc"), decided(1, values[0], values[1], True)]
+        write_run(home, run, steps, metric="acc", direction="maximize", budget="steps:5")
+    report = build_report(home.log, runs=["up-1", "up-2"])
+    c = report.summary["conditions"]["random"]
+    assert c["best_run"]["run"] == "up-1" and c["ideas"]["width"]["mean_improvement"] == pytest.approx(0.15)
+
+
+def test_bad_input_names_the_argument_and_writes_nothing(home, tmp_path):
+    write_run(home, "ok-run", [*experiment(0, "ok", 2.0), decided(0, None, 2.0, True),
+                               *experiment(1, "ok", 1.9, "depth"), decided(1, 2.0, 1.9, True)])
+    write_run(home, "baseline-only", [*experiment(0, "ok", 2.0), decided(0, None, 2.0, True),
+                                      *experiment(1, "interrupted", None)])
+    write_run(home, "other-metric", [*experiment(0, "ok", 3.0, metric="loss"), decided(0, None, 3.0, True),
+                                     *experiment(1, "ok", 2.9, metric="loss"), decided(1, 3.0, 2.9, True)],
+              metric="loss")
+    write_run(home, "queued", [], batch="bq", condition="random")  # a batch run that has not started
+    out = tmp_path / "out"
+    (tmp_path / "a-file").write_text("")
+    cases = [({"runs": ["nope"]}, "RUN 'nope'"),
+             ({"batch": "nope"}, "--batch nope: no batch"),
+             ({"batch": "bq"}, "--batch bq: none of its runs has a finished experiment yet"),
+             ({"runs": ["ok-run", "baseline-only"]}, "RUN 'baseline-only': run baseline-only (baseline-only) has no finished"),
+             ({"runs": ["ok-run", "other-metric"]}, "RUN 'other-metric': run other-metric reports loss"),
+             ({"runs": ["ok-run"], "baseline": "codex"}, "--baseline codex"),
+             ({}, "RUN: name runs, or --batch B")]
+    for kw, message in cases:
+        with pytest.raises(ReportInputError) as e:
+            write_report(home.log, out, **kw)
+        assert str(e.value).startswith(message), (kw, str(e.value))
+        assert not out.exists()
+    with pytest.raises(ReportInputError, match="^-o .*a-file: exists and is not a directory"):
+        write_report(home.log, tmp_path / "a-file", runs=["ok-run"])
+    home.close()
+    proc = rloopd("report", "ok-run", "other-metric", "-o", str(out), home=home.path)
+    assert proc.returncode == 2 and not out.exists()
+    assert proc.stderr.strip().splitlines() == [
+        "rloopd: error: RUN 'other-metric': run other-metric reports loss (minimize), but run ok-run reports "
+        "val_bpb (minimize): one report compares one metric"]
+    assert proc.stdout == ""
+
+
+# --- the page in a browser -------------------------------------------------------------------------
+
+PROBE = """<!DOCTYPE html><html><body><script>
+const f = document.createElement("iframe");
+f.onload = () => {
+  const imgs = Array.from(f.contentDocument.images);
+  document.body.dataset.images = JSON.stringify(imgs.map(i => [i.dataset.name, i.complete, i.naturalWidth]));
+};
+f.src = "report.html";
+document.body.appendChild(f);
+</script></body></html>"""
+CONTROL = '<!DOCTYPE html><html><body><img src="http://example.invalid/x.png"></body></html>'
+
+
+def chromium(exe: str, page: Path, tmp: Path) -> tuple[str, list[str]]:
+    """Open `page` headless, offline; its DOM after load, and the URLs of requests the page made (from the
+    net log; the browser's own background requests, initiated by no origin, are not the page's)."""
+    netlog = tmp / f"{page.stem}.netlog.json"
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+           "--allow-file-access-from-files",  # the probe reads the report's DOM through an iframe
+           "--disable-background-networking", "--disable-component-update",
+           "--proxy-server=http://127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND",  # should any try
+           f"--user-data-dir={tmp / ('profile-' + page.stem)}", f"--log-net-log={netlog}",
+           "--dump-dom", page.as_uri()]
+    if shutil.which("unshare") and subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0:
+        cmd = ["unshare", "-n", *cmd]  # a network namespace with no interface but loopback: nothing can leave
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = json.loads(netlog.read_text())
+    start = log["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
+    started = [e.get("params", {}) for e in log["events"] if e["type"] == start]
+    urls = [p["url"] for p in started if "url" in p and p.get("initiator") != "not an origin"
+            and not p["url"].startswith(("file:", "data:"))]
+    return proc.stdout, urls
+
+
+def test_the_page_renders_in_chromium_with_no_request_leaving(batch_home, tmp_path):
+    exe = need_tool("chromium")
+    site = tmp_path / "site"
+    site.mkdir()
+    shutil.copy(batch_home["out"] / "report.html", site / "report.html")
+    (site / "probe.html").write_text(PROBE)
+    (site / "control.html").write_text(CONTROL)
+    dom, requests = chromium(exe, site / "probe.html", tmp_path)
+    assert 'data-images="' in dom, dom[-2000:]
+    images = json.loads(dom.split('data-images="', 1)[1].split('"', 1)[0].replace("&quot;", '"'))
+    assert [name for name, _, _ in images] == ["curves.png", "runs.png", "ideas.png"]
+    assert all(complete and width > 0 for _, complete, width in images), images
+    assert requests == []
+    # the net log does show a page's request: the check above can fail
+    _, requests = chromium(exe, site / "control.html", tmp_path)
+    assert requests == ["http://example.invalid/x.png"]
