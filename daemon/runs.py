@@ -9,6 +9,7 @@ before every experiment.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ import re
 import secrets
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -177,19 +179,25 @@ def manifest_digest(created: dict[str, Any]) -> str:
 
 
 def judge_dir(home: Home, created: dict[str, Any]) -> Path:
-    """The judge's private copy of the lab (frozen files, private ones included), rebuilt from blobs."""
+    """The judge's private copy of the lab (frozen files, private ones included), rebuilt from blobs.
+
+    Runs of one lab share the copy, and a daemon starting a batch starts many at once: the copy is built
+    under an exclusive lock (`labs/<digest>.lock`), in a directory of its own, and renamed into place."""
     root = home.path / "labs" / manifest_digest(created)
-    if not (root / ".complete").exists():
-        tmp = root.with_name(root.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        private_dir(root.parent)  # the judge's copies hold the lab's private files
-        for entry in created["manifest"]:
-            dest = tmp / entry["path"]
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(home.blobs.get(entry["blob"]))
-        (tmp / ".complete").write_text("")
-        shutil.rmtree(root, ignore_errors=True)
-        os.replace(tmp, root)
+    if (root / ".complete").exists():
+        return root
+    private_dir(root.parent)  # the judge's copies hold the lab's private files
+    with open(root.with_name(root.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / ".complete").exists():  # another run may have built it while this one waited
+            tmp = Path(tempfile.mkdtemp(prefix=f"{root.name}.", dir=root.parent))
+            for entry in created["manifest"]:
+                dest = tmp / entry["path"]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(home.blobs.get(entry["blob"]))
+            (tmp / ".complete").write_text("")
+            shutil.rmtree(root, ignore_errors=True)  # a half-made copy from a crash
+            os.replace(tmp, root)
     return root
 
 

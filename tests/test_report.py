@@ -12,17 +12,15 @@ from pathlib import Path
 import pytest
 from scipy.stats import mannwhitneyu
 
-from rloopd import runs
 from rloopd.fork import fork_run
 from rloopd.home import Home
 from rloopd.log import NewEvent
-from rloopd.loop import Loop
 from rloopd.report import FILES, ReportInputError, build_report, write_report
 
 from .conftest import need_tool, rloopd
+from .daemon_helpers import Served
 
 INSTANT = Path(__file__).parent / "labs" / "instant"
-BATCH = "b0a7c4e5d6f1"
 QUESTION = "Does drawing every constant at once beat changing one?"
 CONDITIONS = {"random": "random", "all": "random:all"}  # condition -> agent
 REPEATS, EXPERIMENTS = 2, 3
@@ -38,27 +36,29 @@ def quantile(values: list[float], q: float) -> float:
 
 @pytest.fixture(scope="module")
 def batch_home(tmp_path_factory) -> dict:
-    """A batch of 2 conditions x 2 repeats on the instant lab, run to the end, and its report by the CLI."""
+    """A batch of 2 conditions x 2 repeats on the instant lab, run by `rloopd batch run` through a daemon,
+    and its report by the CLI."""
     tmp = tmp_path_factory.mktemp("report")
     lab = tmp / "lab"
     shutil.copytree(INSTANT, lab)
     home_dir = tmp / "home"
-    made = {}
-    with Home.open(home_dir) as home:  # what `rloopd batch run` records: batch.created, then tagged runs
-        home.log.append_one(f"batch:{BATCH}", "batch.created", {
-            "question": QUESTION, "repeats": REPEATS,
-            "conditions": [{"name": c, "agent": a} for c, a in CONDITIONS.items()],
-            "criteria": {"metric": "val_bpb", "baseline": "random", "statistic": "median"}})
-        for r in range(REPEATS):
-            for condition, agent in CONDITIONS.items():
-                run = runs.create_run(home, lab, agent=agent, experiments=EXPERIMENTS, budget=None, seed=r,
-                                      name=f"{condition}-{r}", sandbox="none", batch=BATCH, condition=condition)
-                home.log.append_one(f"batch:{BATCH}", "batch.run-added", {"run": run, "condition": condition})
-                Loop(home, run).run()
-                made[run] = condition
+    conditions = "".join(f'[[conditions]]\nname = "{c}"\nagent = "{a}"\n' for c, a in CONDITIONS.items())
+    (tmp / "batch.toml").write_text(
+        f'question = "{QUESTION}"\nlab = "{lab}"\nrepeats = {REPEATS}\nexperiments = {EXPERIMENTS}\n'
+        f'sandbox = "none"\n[criteria]\nbaseline = "random"\n{conditions}')
+    served = Served(home_dir, "--cpu-slots", "2").start()
+    try:
+        info = json.loads(rloopd("batch", "run", str(tmp / "batch.toml"), "--json", home=home_dir, timeout=180,
+                                 check=True).stdout)
+    finally:
+        served.close()
+    batch = info["batch"]
+    with Home.open(home_dir) as home:
+        made = {e.data["run"]: e.data["condition"] for e in home.log.read(f"batch:{batch}", types=["batch.run-added"])}
     out = tmp / "out"
-    proc = rloopd("report", "--batch", BATCH, "-o", str(out), "--json", home=home_dir, check=True)
-    return {"home": home_dir, "runs": made, "out": out, "printed": json.loads(proc.stdout), "tmp": tmp}
+    proc = rloopd("report", "--batch", batch, "-o", str(out), "--json", home=home_dir, check=True)
+    return {"home": home_dir, "runs": made, "out": out, "printed": json.loads(proc.stdout), "tmp": tmp,
+            "batch": batch}
 
 
 def by_hand(home_dir: Path, run: str) -> dict:
@@ -84,7 +84,7 @@ def test_report_files_and_numbers_match_the_events(batch_home):
     for name in ("curves.png", "runs.png", "ideas.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert batch_home["printed"]["summary"] == summary
-    assert summary["question"] == QUESTION and summary["baseline"] == "random" and summary["batch"] == BATCH
+    assert summary["question"] == QUESTION and summary["baseline"] == "random" and summary["batch"] == batch_home["batch"]
     assert list(summary["conditions"]) == ["random", "all"]  # the baseline first
     hand = {run: by_hand(batch_home["home"], run) for run in batch_home["runs"]}
     for condition in CONDITIONS:
@@ -119,7 +119,7 @@ def test_report_files_and_numbers_match_the_events(batch_home):
 def test_report_is_deterministic_and_the_page_is_self_contained(batch_home):
     again = batch_home["tmp"] / "again"
     with Home.open(batch_home["home"], create=False) as home:
-        write_report(home.log, again, batch=BATCH)
+        write_report(home.log, again, batch=batch_home["batch"])
     assert (again / "summary.json").read_text() == (batch_home["out"] / "summary.json").read_text()
     for name in ("curves.png", "runs.png", "ideas.png"):
         assert (again / name).read_bytes() == (batch_home["out"] / name).read_bytes(), name
@@ -140,12 +140,14 @@ def test_fork_lineage_is_on_the_page(batch_home):
         out = batch_home["tmp"] / "fork"
         write_report(home.log, out, runs=[fork, parent])
     row = next(r for r in report.summary["runs"] if r["run"] == fork)
-    assert row["lineage"] == [{"run": parent, "step": 2, "n": row["lineage"][0]["n"], "name": "random-0"}]
+    name = row["lineage"][0]["name"]
+    assert row["lineage"] == [{"run": parent, "step": 2, "n": row["lineage"][0]["n"], "name": name}]
+    assert name.endswith(parent[:6])  # the parent's own name (a batch's runs are named lab-<id>)
     assert row["experiments"] == 2  # the parent's prefix counts, as `rloopd status` counts it
     page = (out / "report.html").read_text()
-    assert f"random-0 ({parent}) @ step 2 → forked-at-2" in page
+    assert f"{name} ({parent}) @ step 2 → forked-at-2" in page
     with Home.open(batch_home["home"], create=False) as home:  # the fork inherits the batch field; no repeat
-        assert fork not in build_report(home.log, batch=BATCH).summary["conditions"]["random"]["runs"]
+        assert fork not in build_report(home.log, batch=batch_home["batch"]).summary["conditions"]["random"]["runs"]
 
 
 # --- hand-written logs: the definitions, exactly ---------------------------------------------------
