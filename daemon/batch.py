@@ -27,8 +27,9 @@ A batch file (TOML, validated with pydantic; paths relative to the file)::
                                    # experiments, window per condition
 
 Everything is checked before anything is written (an unknown agent, a missing program file or lab, zero
-repeats, a window shorter than one budget, a baseline that names no condition, a lab of another metric:
-one line naming the file and the field). Then `batch:<id>` gets `batch.created` (the question, the
+repeats, a window shorter than one budget in seconds, a baseline that names no condition, a lab of another
+metric, a sandbox that does not exist here, a lab whose entry point or prompt template is broken: one line
+naming the file and the field). A window against a `steps:N` budget cannot be checked in advance. Then `batch:<id>` gets `batch.created` (the question, the
 resolved conditions, repeats, criteria) and one `batch.run-added` per run, and each run's `run.created`
 names its batch and condition. Runs are created repeat by repeat (every condition's first run, then every
 second one...), so a daemon that drives them in that order keeps the conditions abreast.
@@ -87,7 +88,8 @@ def load_batch(path: Path) -> tuple[BatchFile, list[dict[str, Any]]]:
     window) and checked; LabConfigError naming the file and the field."""
     from rloopd.agents import check_agent
     from rloopd.lab import load_lab
-    from rloopd.runs import parse_window, with_budget
+    from rloopd.runs import check_lab_for, parse_window, with_budget
+    from rloopd.sandbox import SandboxError, resolve_kind
 
     path = Path(path).absolute()
     try:
@@ -106,26 +108,44 @@ def load_batch(path: Path) -> tuple[BatchFile, list[dict[str, Any]]]:
     if spec.criteria.baseline not in names:
         raise LabConfigError(f"{path}: criteria.baseline: {spec.criteria.baseline!r} names no condition "
                              f"(conditions: {', '.join(names)})")
+    try:
+        resolve_kind(spec.sandbox)
+    except SandboxError as e:
+        raise LabConfigError(f"{path}: sandbox: {str(e).removeprefix('--sandbox ')}") from None
     resolved = []
     for i, c in enumerate(spec.conditions):
         where = f"{path}: conditions.{i}"
+
+        def field(name: str, own: Any, c=c, where=where) -> str:  # the key the value came from
+            return f"{where}.{name}" if own is not None else f"{path}: {name}"
+
         lab_dir = (path.parent / (c.lab or spec.lab)).resolve()
         try:
             lab = load_lab(lab_dir)
+        except LabConfigError as e:
+            raise LabConfigError(f"{field('lab', c.lab)}: {e}") from None
+        try:
             check_agent(c.agent)
-            budget = c.budget or spec.budget
+            check_lab_for(lab, c.agent)
+        except LabConfigError as e:
+            raise LabConfigError(f"{where}.agent: {str(e).removeprefix('--agent ')}") from None
+        budget, window = c.budget or spec.budget, c.window or spec.window
+        try:
             if budget is not None:
                 lab = with_budget(lab, budget)
-            window = c.window or spec.window
+        except LabConfigError as e:
+            raise LabConfigError(f"{field('budget', c.budget)}: {str(e).removeprefix('--budget ')}") from None
+        try:
             seconds = parse_window(window) if window is not None else None
         except LabConfigError as e:
-            raise LabConfigError(f"{where} ({c.name}): {e}") from None
+            raise LabConfigError(f"{field('window', c.window)}: {str(e).removeprefix('--window ')}") from None
+        # (a window against a steps:N budget cannot be checked here: how long N steps take is not known)
         if seconds is not None and lab.budget_seconds and seconds < lab.budget_seconds:
-            raise LabConfigError(f"{where}.window: {window} is shorter than one experiment's budget "
+            raise LabConfigError(f"{field('window', c.window)}: {window} is shorter than one experiment's budget "
                                  f"({lab.budget} s)")
         if lab.metric.name != spec.criteria.metric:
-            raise LabConfigError(f"{where}.lab: {lab_dir} reports {lab.metric.name!r}, but criteria.metric is "
-                                 f"{spec.criteria.metric!r}")
+            raise LabConfigError(f"{field('lab', c.lab)}: {lab_dir} reports {lab.metric.name!r}, but "
+                                 f"criteria.metric is {spec.criteria.metric!r}")
         program = None
         if c.program is not None:
             program = (path.parent / c.program).resolve()

@@ -32,7 +32,7 @@ def report_cmd(
 
     Runs are grouped into conditions by the condition their batch gave them, else by their agent. The
     numbers follow DESIGN section 3 (experiments, valid ones, accepted-change rate, restarts, theoretical
-    maximum); each condition is compared with the baseline by the difference of the median final best, a
+    maximum); each condition is compared with the baseline by the difference of the final bests (median, or the batch criteria's statistic), a
     bootstrap interval and a Mann-Whitney U test. Nothing is written when an argument is bad.
 
     Example: rloopd report --batch 3f0c9a1e2b7d -o reports/tpe-vs-random

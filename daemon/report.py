@@ -322,7 +322,7 @@ def build_report(log: EventLog, *, runs: Sequence[str] = (), batch: str | None =
     question = question if question is not None else info.get("question", "")
     statistic = statistic or criteria.get("statistic") or "median"
     if statistic not in ("median", "mean"):
-        raise ReportInputError(f"--statistic {statistic}: use median or mean")
+        raise ReportInputError(f"statistic {statistic!r}: use median or mean")
     total = sum(len(v) for v in selected.values())
     records, conditions, skipped = [], {}, []
     for condition, ids in selected.items():

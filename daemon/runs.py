@@ -106,17 +106,11 @@ def parse_window(text: str) -> float:
     return seconds
 
 
-def create_run(home: Home, lab_dir: Path, *, agent: str | None, experiments: int | None, budget: str | None,
-               seed: int, name: str | None, sandbox: str = "auto", window: str | None = None,
-               request: str | None = None, program: Path | None = None, batch: str | None = None,
-               condition: str | None = None) -> str:
-    """Validate everything first, then append `run.created`; nothing is written on a bad argument.
-
-    `program`: a program file the run follows instead of the lab's (a batch condition's); `batch` and
-    `condition` are recorded on run.created."""
+def check_lab_for(lab: Lab, agent: str | None) -> str:
+    """The checks a lab must pass before a run of `agent` is made of it (the entry point exists, a session
+    agent's prompt template is sound); the agent spec in force. Batches run them for every condition first."""
     from rloopd.agents import SESSION_KINDS, check_agent
 
-    lab = load_lab(lab_dir)
     for word in lab.command:
         if "{lab}" in word and not Path(word.replace("{lab}", str(lab.root))).exists():
             raise LabConfigError(f"{lab.root / 'rloop.toml'}: command: {word.replace('{lab}', str(lab.root))} "
@@ -128,6 +122,20 @@ def create_run(home: Home, lab_dir: Path, *, agent: str | None, experiments: int
         template = lab.root / lab.agent.prompt
         if template.is_file():
             check_template(template.read_text(), str(template))
+    return agent
+
+
+def create_run(home: Home, lab_dir: Path, *, agent: str | None, experiments: int | None, budget: str | None,
+               seed: int, name: str | None, sandbox: str = "auto", window: str | None = None,
+               request: str | None = None, program: Path | None = None, batch: str | None = None,
+               condition: str | None = None) -> str:
+    """Validate everything first, then append `run.created`; nothing is written on a bad argument.
+
+    `program`: a program file the run follows instead of the lab's (a batch condition's); `batch` and
+    `condition` are recorded on run.created."""
+
+    lab = load_lab(lab_dir)
+    agent = check_lab_for(lab, agent)
     if budget is not None:
         lab = with_budget(lab, budget)
     if experiments is not None and experiments < 0:

@@ -83,11 +83,13 @@ def test_without_a_daemon_a_batch_runs_here(tmp_path, home_dir):
 
 
 @pytest.mark.parametrize("body,conditions,words", [
-    ("", '[[conditions]]\nname = "random"\nagent = "gpt-agent"\n', ["conditions.0", "gpt-agent"]),
+    ("", '[[conditions]]\nname = "random"\nagent = "gpt-agent"\n', ["conditions.0.agent", "gpt-agent"]),
+    ('sandbox = "bogus"\n', None, ["sandbox", "bogus"]),
     ("", '[[conditions]]\nname = "random"\nagent = "random"\nprogram = "missing.md"\n',
      ["conditions.0.program", "missing.md", "does not exist"]),
     ("repeats = 0\n", None, ["repeats"]),
-    ('window = "0.2s"\nbudget = "0.5"\n', None, ["window", "shorter than one experiment's budget"]),
+    ('window = "0.2s"\nbudget = "0.5"\n', None, [": window: 0.2s", "shorter than one experiment's budget"]),
+    ('budget = "steps:0"\n', None, [": budget:"]),
     ("", '[[conditions]]\nname = "tpe"\nagent = "random"\n', ["criteria.baseline", "'random'"]),
     ("", '[[conditions]]\nname = "random"\nagent = "random"\n[[conditions]]\nname = "random"\nagent = "random"\n',
      ["share a name"]),
