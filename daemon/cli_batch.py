@@ -15,6 +15,7 @@ from rich.table import Table
 from rloopd import control
 from rloopd.batch import batch_info, batch_runs, create_batch, resolve_batch
 from rloopd.cli import HomeOpt, JsonOpt, app, command, emit_json, err, out
+from rloopd.cli_run import _no_daemon
 from rloopd.home import Home
 from rloopd.lock import HomeLock, daemon_running
 from rloopd.loop import Loop, LoopOptions, Stop
@@ -68,15 +69,10 @@ def batch_run_cmd(
                         live.update(status_table(info))
         else:
             if detach:
-                raise typer.Exit(code=_no_daemon(h))
+                raise typer.Exit(code=_no_daemon(h.path))
             batch = _run_here(h, file)
         info = batch_info(h, batch)
     emit_json(info) if json_ else out.print(status_table(info))
-
-
-def _no_daemon(h: Home) -> int:
-    err.print(f"rloopd: error: --detach needs a daemon serving {h.path} (start one with `rloopd serve`)")
-    return 2
 
 
 def _run_here(h: Home, file: Path) -> str:

@@ -102,7 +102,7 @@ def apply(state: RunState, e: Event) -> RunState:
         if d["status"] == "interrupted":
             commit = s.in_flight.commit if s.in_flight is not None else ""
             retry = Attempt(d["step"], d.get("replica", 0), d.get("attempt", 0) + 1, commit)
-        spent = (parse_at(e.at) - parse_at(s.flight_started_at)).total_seconds() if s.flight_started_at else 0.0
+        spent = _seconds(s.flight_started_at, e.at)
         if s.open_session is not None:
             spent = 0.0  # inside a session: the session's own time counts, once
         return _replace(s, in_flight=None, last_status=d["status"], retry=retry, flight_started_at=None,
