@@ -24,7 +24,11 @@ A batch file (TOML, validated with pydantic; paths relative to the file)::
     name = "tpe"
     agent = "optuna:tpe"
     program = "programs/tpe.md"    # optional: a program file other than the lab's; also lab, budget,
-                                   # experiments, window per condition
+                                   # experiments, window, memory, space per condition
+    memory = "notes"               # the memory policy: notes, none, results-only, from:RUN[@STEP]
+    space = "hparams"              # a search space preset of the lab's [spaces]
+
+`memory` and `space` may also be set at the top level, as defaults for every condition.
 
 Everything is checked before anything is written (an unknown agent, a missing program file or lab, zero
 repeats, a window shorter than one budget in seconds, a baseline that names no condition, a lab of another
@@ -60,6 +64,8 @@ class Condition(BaseModel):
     budget: str | None = None
     experiments: int | None = Field(default=None, ge=0)
     window: str | None = None
+    memory: str | None = None
+    space: str | None = None
 
 
 class Criteria(BaseModel):
@@ -78,17 +84,21 @@ class BatchFile(BaseModel):
     budget: str | None = None
     experiments: int | None = Field(default=None, ge=0)
     window: str | None = None
+    memory: str | None = None
+    space: str | None = None
     sandbox: str = "auto"
     criteria: Criteria
     conditions: list[Condition] = Field(min_length=1)
 
 
-def load_batch(path: Path) -> tuple[BatchFile, list[dict[str, Any]]]:
+def load_batch(path: Path, home: Home | None = None) -> tuple[BatchFile, list[dict[str, Any]]]:
     """The batch file and its conditions resolved (absolute lab and program paths, budget, experiments,
-    window) and checked; LabConfigError naming the file and the field."""
+    window, memory policy, search space) and checked; LabConfigError naming the file and the field. A
+    `from:RUN` memory policy is checked against `home` when one is given."""
     from rloopd.agents import check_agent
+    from rloopd.inherit import resolve_memory
     from rloopd.lab import load_lab
-    from rloopd.runs import check_lab_for, parse_window, with_budget
+    from rloopd.runs import check_lab_for, check_space_for, parse_window, with_budget
     from rloopd.sandbox import SandboxError, resolve_kind
 
     path = Path(path).absolute()
@@ -129,6 +139,22 @@ def load_batch(path: Path) -> tuple[BatchFile, list[dict[str, Any]]]:
             check_lab_for(lab, c.agent)
         except LabConfigError as e:
             raise LabConfigError(f"{where}.agent: {str(e).removeprefix('--agent ')}") from None
+        space, memory = c.space or spec.space, c.memory or spec.memory
+        try:
+            lab = lab.with_space(space, "")
+            check_space_for(lab, c.agent, "")
+        except LabConfigError as e:
+            raise LabConfigError(f"{field('space', c.space)}:{e}") from None
+        try:
+            if home is not None:
+                resolve_memory(home, memory, lab, "")
+            elif memory is not None:
+                from rloopd.memory.rundir import policy_kind
+
+                if policy_kind(memory) not in ("notes", "none", "results-only", "from"):
+                    raise LabConfigError(f" {memory!r}: use notes, none, results-only or from:RUN[@STEP]")
+        except LabConfigError as e:
+            raise LabConfigError(f"{field('memory', c.memory)}:{e}") from None
         budget, window = c.budget or spec.budget, c.window or spec.window
         try:
             if budget is not None:
@@ -154,7 +180,7 @@ def load_batch(path: Path) -> tuple[BatchFile, list[dict[str, Any]]]:
         resolved.append({"name": c.name, "agent": c.agent, "lab": str(lab_dir),
                          "program": str(program) if program else None, "budget": budget,
                          "experiments": c.experiments if c.experiments is not None else spec.experiments,
-                         "window": window})
+                         "window": window, "memory": memory, "space": space})
     return spec, resolved
 
 
@@ -165,7 +191,7 @@ def create_batch(home: Home, path: Path, request: str | None = None) -> tuple[st
 
     if request is not None and (prior := home.log.stream_of(request)):
         return prior.removeprefix("batch:"), batch_runs(home, prior.removeprefix("batch:"))
-    spec, conditions = load_batch(path)
+    spec, conditions = load_batch(path, home)
     batch = new_id()[:12]
     stream = f"batch:{batch}"
     home.log.append(stream, [NewEvent("batch.created", {
@@ -177,7 +203,7 @@ def create_batch(home: Home, path: Path, request: str | None = None) -> tuple[st
             run = create_run(home, Path(c["lab"]), agent=c["agent"], experiments=c["experiments"],
                              budget=c["budget"], seed=spec.seed + r, name=None, sandbox=spec.sandbox,
                              window=c["window"], program=Path(c["program"]) if c["program"] else None,
-                             batch=batch, condition=c["name"])
+                             batch=batch, condition=c["name"], memory=c.get("memory"), space=c.get("space"))
             home.log.append_one(stream, "batch.run-added", {"run": run, "condition": c["name"]})
             made.append(run)
     return batch, made

@@ -29,7 +29,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON to stdout (pro
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]rloopd: error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    err.print(f"[bold red]rloopd: error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 

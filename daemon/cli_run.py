@@ -80,6 +80,11 @@ def run_cmd(
     name: Annotated[str | None, typer.Option("--name", help="A name to refer to the run by.")] = None,
     sandbox: Annotated[str, typer.Option("--sandbox", help="auto, bwrap, setpriv or none.")] = "auto",
     window: Annotated[str | None, typer.Option("--window", help="Active time the run may use, e.g. 4h15m.")] = None,
+    memory: Annotated[str | None, typer.Option("--memory", help=(
+        "What each session is shown: notes (default), none, results-only, or from:RUN[@STEP] "
+        "(start with another run's notes, artifacts and best checkpoint)."))] = None,
+    space: Annotated[str | None, typer.Option("--space", help=(
+        "A search space preset of the lab's [spaces] (the reference lab: full, hparams, optimizer)."))] = None,
     detach: Annotated[bool, typer.Option("--detach", "-d", help="Hand the run to the daemon and return.")] = False,
     json_: JsonOpt = False,
     home: HomeOpt = None,
@@ -89,11 +94,12 @@ def run_cmd(
     With a daemon serving the home (`rloopd serve`), the run is handed to it and followed here;
     `--detach` returns at once with the run id. Without one, the run is driven in this process.
 
-    Example: rloopd run --lab . --agent random --experiments 8 --budget steps:200 --seed 1
+    Example: rloopd run --lab . --agent random --experiments 8 --budget steps:200 --seed 1 --space hparams
     """
     with Home.open(home) as h:
         report(*drive(h, dict(lab=lab, agent=agent, experiments=experiments, budget=budget, seed=seed,
-                              name=name, sandbox=sandbox, window=window), detach=detach), json_)
+                              name=name, sandbox=sandbox, window=window, memory=memory, space=space),
+                      detach=detach), json_)
 
 
 def report(run: str, summary: dict[str, Any] | None, json_: bool) -> None:
@@ -218,15 +224,18 @@ def show_cmd(
 @command
 def init_cmd(
     directory: Annotated[Path, typer.Argument(help="Where the new lab goes (must not exist or be empty).")],
+    space: Annotated[str | None, typer.Option("--space", help=(
+        "The search space the new lab's runs use by default: hparams, optimizer or full."))] = None,
 ) -> None:
     """Start a new lab from the reference one: program.md, rloop.toml, workspace/, frozen/.
 
-    Example: rloopd init ~/labs/my-lab && rloopd run --lab ~/labs/my-lab
+    Example: rloopd init ~/labs/my-lab --space hparams && rloopd run --lab ~/labs/my-lab
     """
     from rloopd.reference import copy_reference_lab
 
-    copy_reference_lab(directory)
-    out.print(f"new lab in {directory}: edit program.md and rloop.toml, then `rloopd run --lab {directory}`")
+    copy_reference_lab(directory, space=space)
+    chosen = f" (search space: {space})" if space else ""
+    out.print(f"new lab in {directory}{chosen}: edit program.md and rloop.toml, then `rloopd run --lab {directory}`")
 
 
 @app.command("demo")

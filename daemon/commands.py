@@ -53,7 +53,8 @@ def run(daemon: Daemon, home: Home, args: dict, request: str) -> dict[str, Any]:
     run_id = runs.create_run(home, Path(args["lab"]), agent=args.get("agent"),
                              experiments=args.get("experiments"), budget=args.get("budget"),
                              seed=int(args.get("seed", 0)), name=args.get("name"),
-                             sandbox=args.get("sandbox", "auto"), window=args.get("window"), request=request)
+                             sandbox=args.get("sandbox", "auto"), window=args.get("window"), request=request,
+                             memory=args.get("memory"), space=args.get("space"))
     daemon.start_worker(run_id)
     return {"run_id": run_id}
 

@@ -50,6 +50,23 @@ class ForkPoint(Payload):
     step: int
 
 
+class MemoryFile(Payload):
+    path: str  # inside memory/ (notes.md, artifacts/...)
+    blob: str
+
+
+class MemorySource(Payload):
+    """`from:RUN[@STEP]`: the memory a run starts with, as the source run's history folded to `n`."""
+
+    run: str  # the source run (its id)
+    step: int | None = None  # None: its latest
+    stream: str  # where the source's history was cut (the source itself, or an ancestor for an early step)
+    n: int
+    files: list[MemoryFile] = []
+    checkpoint_blob: str | None = None
+    lineage: list[dict[str, Any]] = []  # [{run, step}] back to the first run: knowledge passed run to run
+
+
 class RunCreated(Payload):
     name: str
     lab: str  # path of the lab directory at creation
@@ -59,8 +76,9 @@ class RunCreated(Payload):
     direction: Literal["minimize", "maximize"] = "minimize"
     agent: str = "random"
     agent_files: list[AgentFile] = []
-    memory_policy: str = "notes"
-    search_space: dict[str, Any] = {}
+    memory_policy: str = "notes"  # notes | none | results-only | from:RUN[@STEP] (memory/rundir.py)
+    memory_from: MemorySource | None = None
+    search_space: dict[str, Any] = {}  # preset (None: the lab's top level), editable globs, regions
     budget: str = ""
     experiments: int | None = None  # cap on experiments, None for no cap
     window_seconds: float | None = None
@@ -164,6 +182,7 @@ class ExperimentStarted(Payload):
     diff_blob: str | None = None
     suggested_by: str | None = None  # a model-based policy's suggestion (`optuna:tpe`): params are what it said
     study: dict[str, Any] | None = None  # ... and the study it was asked of: sampler seed, trials told
+    warm_start_blob: str | None = None  # the checkpoint offered to train(ctx) (a lab with warm_start = true)
 
 
 ExperimentStatus = Literal["ok", "crashed", "oom", "timeout", "invalid", "interrupted"]
@@ -177,6 +196,7 @@ class ExperimentFinished(Payload):
     metrics: dict[str, float | int | None] = {}
     log_blob: str | None = None
     wall_seconds: float = 0.0
+    warm_started: bool | None = None  # train(ctx) loaded the offered checkpoint (None: none was offered)
 
 
 class CheckpointSaved(Payload):

@@ -121,6 +121,15 @@ class AgentConfig(BaseModel):
     provider_cap: int = Field(default=5, ge=1)  # sessions in a row ended by provider errors before the run ends
 
 
+class Space(BaseModel):
+    """`[spaces.NAME]`: a search space preset a run or a batch condition can name (`--space NAME`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    editable: list[str] = Field(min_length=1)  # globs, as the top-level key
+    regions: bool | list[str] = False  # narrow files with markers to these regions (daemon/space.py); True: all
+    description: str = ""
+
+
 class Metric(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str = "val_bpb"
@@ -161,6 +170,10 @@ class Lab(BaseModel):
     gpus: int = Field(default=1, ge=0)
     source: str = "synthetic"
     memory_limit_mb: int | None = Field(default=None, gt=0)
+    regions: bool | list[str] = False  # marked regions of the editable files the agent may change (space.py)
+    space: str | None = None  # the search space preset in force: a key of [spaces] (None: the top level)
+    spaces: dict[str, Space] = {}
+    warm_start: bool = False  # the entry point takes --warm-start CHECKPOINT (the run's best, offered to train)
     params: dict[str, Param] = {}
     categories: dict[str, str] = {}  # constant name or description word -> idea category (daemon/categories.py)
     agent: AgentConfig = AgentConfig()
@@ -218,6 +231,63 @@ class Lab(BaseModel):
 
     def manifest(self) -> list[LabFile]:
         return manifest(self)
+
+    def with_space(self, name: str | None, file: str = "--space") -> Lab:
+        """This lab with the search space `name` in force (its editable globs and regions); None: the lab's
+        own default (`space`, else the top-level keys). Raises LabConfigError for a preset it does not define."""
+        name = name or self.space
+        if name is None:
+            return self
+        if name not in self.spaces:
+            known = ", ".join(sorted(self.spaces)) or "none"
+            raise LabConfigError(f"{file} {name}: {self.root / 'rloop.toml'} defines no search space {name!r} "
+                                 f"([spaces] presets: {known})")
+        preset = self.spaces[name]
+        lab = self.model_copy(update={"editable": list(preset.editable), "regions": preset.regions, "space": name})
+        lab._root = self._root
+        return lab
+
+    def search_space(self) -> dict[str, Any]:
+        """What run.created records and status and reports show."""
+        preset = self.spaces.get(self.space) if self.space else None
+        return {"preset": self.space, "editable": list(self.editable), "regions": self.regions,
+                **({"description": preset.description} if preset and preset.description else {})}
+
+    def params_in_space(self) -> dict[str, Param]:
+        """The [params] constants the built-in policies may set in the space in force: in an editable file,
+        and inside a region in force where that file is narrowed to regions."""
+        from rloopd import space as regions
+
+        found: dict[str, Param] = {}
+        sources: dict[str, bytes] = {}
+        for name, param in self.params.items():
+            if not matches(self.editable, param.file):
+                continue
+            if self.regions is not False:
+                if param.file not in sources:
+                    try:
+                        sources[param.file] = (self.root / param.file).read_bytes()
+                    except OSError:
+                        sources[param.file] = b""
+                data = sources[param.file]
+                if regions.has_markers(data) and name not in regions.constants_in_force(data, self.regions, [name]):
+                    continue
+            found[name] = param
+        return found
+
+
+def space_label(search_space: dict[str, Any] | None) -> str:
+    """A recorded search space in a few words: its preset's name, else its globs (and regions)."""
+    d = search_space or {}
+    if d.get("preset"):
+        return str(d["preset"])
+    text = ",".join(d.get("editable") or []) or "lab default"
+    regions = d.get("regions")
+    if regions is True:
+        text += " (marked regions)"
+    elif regions:
+        text += f" (regions {','.join(regions)})"
+    return text
 
 
 @dataclass(frozen=True)
@@ -400,8 +470,44 @@ def load_lab(path: Path | str) -> Lab:
         raise _fail(file, key, msg) from None
     lab._root = root
     _check_files(lab, file)
+    _check_spaces(lab, file)
     _check_agent_env(lab, file)
     return lab
+
+
+def _check_spaces(lab: Lab, file: Path) -> None:
+    """Each preset's globs match files that are not frozen; every editable file's region markers are sound
+    (balanced, not nested); every region a space names is marked in one of its files."""
+    from rloopd import space as regions
+
+    if lab.space is not None and lab.space not in lab.spaces:
+        known = ", ".join(sorted(lab.spaces)) or "none"
+        raise _fail(file, "space", f"no [spaces.{lab.space}] table (presets: {known})")
+    frozen = matching_files(lab.root, lab.frozen)
+    spaces = [("", lab.editable, lab.regions)] + [(f"spaces.{k}.", v.editable, v.regions) for k, v in lab.spaces.items()]
+    parsed: dict[str, list] = {}
+    for prefix, editable, names in spaces:
+        files = set()
+        for pattern in editable:
+            found = glob_files(lab.root, pattern)
+            if not found:
+                raise _fail(file, f"{prefix}editable", f"{pattern!r} matches no file")
+            files.update(found)
+        both = sorted(files & frozen)
+        if both:
+            raise _fail(file, f"{prefix}editable", f"{both[0]} is also frozen")
+        for rel in sorted(files):
+            if rel not in parsed:
+                try:
+                    parsed[rel] = regions.parse((lab.root / rel).read_bytes())
+                except regions.RegionError as e:
+                    raise _fail(file, f"{prefix}editable", f"{rel}: {e}") from None
+        if isinstance(names, list):
+            marked = {n for rel in files for r in parsed[rel] for n in r.names}
+            missing = [n for n in names if n not in marked]
+            if missing:
+                raise _fail(file, f"{prefix}regions", f"no editable file marks a region {missing[0]!r} "
+                                                      f"(# rloop: begin editable {missing[0]})")
 
 
 def _check_agent_env(lab: Lab, file: Path) -> None:

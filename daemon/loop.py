@@ -81,6 +81,7 @@ class Loop:
         self.sync()
         self.created = self.state.created
         self.lab = runs.run_lab(home, self.state)
+        self.params = self.lab.params_in_space()  # what a built-in policy may set in the run's search space
         self.run_dir = home.run_dir(run)
         home.secure_run(run, self.created)  # only the run's own uid gets in (an older home is tightened here)
         self.kind = check_agent(self.created["agent"])
@@ -211,14 +212,14 @@ class Loop:
             commit, description, category, params = self.created["base_commit"], "baseline", None, {}
         else:
             if self.kind == "optuna":  # the study is rebuilt from the log each step (agents/optuna_agent.py)
-                s = optuna_agent.propose(self.mode, self.lab.params, self.run_dir, self.fold.rows.values(),
+                s = optuna_agent.propose(self.mode, self.params, self.run_dir, self.fold.rows.values(),
                                          self.home.snapshots, self.created, step, attempt)
-                optuna_agent.apply(self.run_dir, self.lab.params, s.params)
+                optuna_agent.apply(self.run_dir, self.params, s.params)
                 description, category, params = s.description, s.category, s.params
                 extra = {"suggested_by": s.suggested_by, "study": s.study}
             else:
                 train_py = workspace / "train.py"
-                proposal = random_search.propose(self.lab.params, train_py.read_text(), self.mode,
+                proposal = random_search.propose(self.params, train_py.read_text(), self.mode,
                                                  self.created["seed"], step, attempt)
                 random_search.apply_proposal(train_py, proposal, set_constants)
                 description, category, params = proposal.description, proposal.category, proposal.params
@@ -245,12 +246,14 @@ class Loop:
         if replica == 0:
             self.proposal = (step, {"description": description, "category": category, "params": params,
                                     "diff": diff, "extra": dict(extra or {})})
+        warm = self.warm_start_blob()
         self.append(NewEvent("experiment.started", {
             "step": step, "replica": replica, "attempt": attempt, "commit": commit, "description": description,
             "category": category, "params": params, "program_blob": self.state.program_blob,
-            "diff_blob": self.home.blobs.put_text(diff), **(extra or {})}))
+            "diff_blob": self.home.blobs.put_text(diff), **({"warm_start_blob": warm} if warm else {}),
+            **(extra or {})}))
         try:
-            outcome = self.execute(commit, step, attempt, env, replica)
+            outcome = self.execute(commit, step, attempt, env, replica, warm)
         except Exception:  # Interrupted, or the daemon's own failure: the attempt is closed, and retried
             self.append(NewEvent("experiment.finished", {
                 "step": step, "replica": replica, "attempt": attempt, "status": "interrupted", "metrics": {}}))
@@ -272,14 +275,21 @@ class Loop:
             return None
         return self.started_data(step, replica, attempt - 1)
 
-    def execute(self, commit: str, step: int, attempt: int, env: dict[str, str], replica: int = 0) -> Outcome:
+    def warm_start_blob(self) -> str | None:
+        """The checkpoint offered to train(ctx): the run's best, where the lab takes one (`warm_start = true`)
+        and the memory policy shows it (memory/rundir.py `policy_kind`); a collected one is not offered."""
+        blob = self.fold.mem.shown_checkpoint
+        return blob if self.lab.warm_start and blob and self.home.blobs.exists(blob) else None
+
+    def execute(self, commit: str, step: int, attempt: int, env: dict[str, str], replica: int = 0,
+                warm: str | None = None) -> Outcome:
         runs.check_manifest(self.home, self.created)
         snapshot = self.home.path / "tmp" / self.run_id / f"ws-{step}-{replica}-{attempt}"
         shutil.rmtree(snapshot, ignore_errors=True)
         snapshot.mkdir(parents=True)
         self.home.snapshots.export(commit, snapshot)
         exp = runs.experiment_for(self.home, self.run_id, self.created, self.lab, snapshot, step, env=env,
-                                  replica=replica)
+                                  replica=replica, warm_start=warm)
         try:
             return run_experiment(exp, self.stop.event)
         finally:
@@ -289,7 +299,8 @@ class Loop:
                env: dict[str, str] | None = None) -> None:
         self.append(NewEvent("experiment.finished", {
             "step": step, "replica": replica, "attempt": attempt, "status": outcome.status, "metrics": outcome.metrics,
-            "log_blob": self.home.blobs.put(self.redact(outcome.log)), "wall_seconds": round(outcome.wall_seconds, 3)}))
+            "log_blob": self.home.blobs.put(self.redact(outcome.log)), "wall_seconds": round(outcome.wall_seconds, 3),
+            **({"warm_started": outcome.warm_started} if outcome.warm_started is not None else {})}))
         self.confirm(step, commit, outcome, env)
 
     # --- decisions, and replicas under rerun:K -----------------------------------------------------

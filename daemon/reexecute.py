@@ -114,7 +114,9 @@ def reexecute(home: Home, run: str, spec: str, tolerance: float = DEFAULT_TOLERA
         snapshot.mkdir(parents=True)
         try:
             home.snapshots.export(started["commit"], snapshot)
-            exp = runs.experiment_for(home, run, created, lab, snapshot, step, budget=budget)
+            warm = started.get("warm_start_blob")  # the checkpoint it was offered, if it was (and is kept)
+            exp = runs.experiment_for(home, run, created, lab, snapshot, step, budget=budget,
+                                      warm_start=warm if warm and home.blobs.exists(warm) else None)
             outcome = run_experiment(exp, stop)
         finally:
             shutil.rmtree(snapshot, ignore_errors=True)

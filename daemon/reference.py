@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 import sysconfig
@@ -9,6 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 from rloopd.errors import LabConfigError
+from rloopd.lab import load_lab
 
 LAB_PARTS = ("program.md", "rloop.toml", "workspace", "frozen")
 
@@ -35,11 +37,14 @@ def reference_lab_dir() -> Path:
     raise LabConfigError("the reference lab is not installed with this copy of rloopd")
 
 
-def copy_reference_lab(dest: Path) -> None:
+def copy_reference_lab(dest: Path, space: str | None = None) -> None:
+    """Copy the reference lab to `dest`; `space` (a preset of its [spaces]) becomes the new lab's default."""
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
         raise LabConfigError(f"{dest}: exists and is not empty")
     src = reference_lab_dir()
+    if space is not None:
+        load_lab(src).with_space(space)  # a preset the lab does not define: refused before anything is copied
     dest.mkdir(parents=True, exist_ok=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for part in LAB_PARTS:
@@ -47,3 +52,10 @@ def copy_reference_lab(dest: Path) -> None:
             shutil.copytree(src / part, dest / part, ignore=ignore)
         else:
             shutil.copy2(src / part, dest / part)
+    if space is not None:
+        toml = dest / "rloop.toml"
+        text, n = re.subn(r'(?m)^space = "[^"]*"', f'space = "{space}"', toml.read_text(), count=1)
+        if n != 1:
+            raise LabConfigError(f"{toml}: no top-level `space = ...` line to set")
+        toml.write_text(text)
+        load_lab(dest)

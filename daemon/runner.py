@@ -39,6 +39,7 @@ class Experiment:
     private: Path  # where the runner keeps the judge's result, logs and model (never shown to them)
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    warm_start: Path | None = None  # a checkpoint the judge offers to train(ctx) (`--warm-start`)
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Outcome:
     model: Path | None = None
     reason: str | None = None
     workdir: Path | None = None  # the judge's private directory; the caller removes it when done
+    warm_started: bool | None = None  # train(ctx) loaded the offered checkpoint (None: none was offered)
 
 
 class Interrupted(Exception):
@@ -79,7 +81,8 @@ def run_experiment(exp: Experiment, stop: threading.Event | None = None) -> Outc
            "--budget", exp.budget, "--timeout", str(exp.timeout), "--seed", str(exp.seed),
            "--secrets-fd", str(read_fd), "--sandbox", " ".join(_quote(w) for w in exp.sandbox),
            "--cache", str(exp.cache), "--scratch", str(exp.scratch), "--log", str(log_path),
-           "--save-model", str(work / "model.pt"), *exp.extra_args]
+           "--save-model", str(work / "model.pt"), *exp.extra_args,
+           *(["--warm-start", str(exp.warm_start)] if exp.warm_start else [])]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RLOOPD_")} | exp.env
     t0 = time.monotonic()
     with open(work / "judge.log", "wb") as judge_log:
@@ -127,7 +130,8 @@ def run_experiment(exp: Experiment, stop: threading.Event | None = None) -> Outc
     metrics = {k: v for k, v in result.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("schema", "seed")}
     model = work / "model.pt"
-    return Outcome(status, metrics, log, wall, model if model.exists() else None, result.get("reason"), work)
+    warm = bool(result.get("warm_started")) if exp.warm_start else None
+    return Outcome(status, metrics, log, wall, model if model.exists() else None, result.get("reason"), work, warm)
 
 
 def _read(path: Path) -> bytes:

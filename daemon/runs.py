@@ -125,17 +125,32 @@ def check_lab_for(lab: Lab, agent: str | None) -> str:
     return agent
 
 
+def check_space_for(lab: Lab, agent: str, key: str = "--space") -> str:
+    """A built-in policy sets [params] constants: the space in force must leave it at least one."""
+    from rloopd.agents import SESSION_KINDS, check_agent
+
+    if check_agent(agent) not in SESSION_KINDS and lab.params and not lab.params_in_space():
+        raise LabConfigError(f"{key} {lab.space or '(the lab default)'}: leaves {agent} no [params] constant to "
+                             f"set (none lies in its editable files and regions)")
+    return agent
+
+
 def create_run(home: Home, lab_dir: Path, *, agent: str | None, experiments: int | None, budget: str | None,
                seed: int, name: str | None, sandbox: str = "auto", window: str | None = None,
                request: str | None = None, program: Path | None = None, batch: str | None = None,
-               condition: str | None = None) -> str:
+               condition: str | None = None, memory: str | None = None, space: str | None = None,
+               keys: dict[str, str] | None = None) -> str:
     """Validate everything first, then append `run.created`; nothing is written on a bad argument.
 
     `program`: a program file the run follows instead of the lab's (a batch condition's); `batch` and
-    `condition` are recorded on run.created."""
+    `condition` are recorded on run.created. `memory`: the memory policy (daemon/inherit.py); `space`: a
+    search space preset of the lab's `[spaces]`. `keys` names the options in messages (a batch's fields)."""
+    from rloopd.inherit import resolve_memory
 
-    lab = load_lab(lab_dir)
-    agent = check_lab_for(lab, agent)
+    keys = keys or {}
+    lab = load_lab(lab_dir).with_space(space, keys.get("space", "--space"))
+    agent = check_space_for(lab, check_lab_for(lab, agent), keys.get("space", "--space"))
+    memory_policy, memory_from = resolve_memory(home, memory, lab, keys.get("memory", "--memory"))
     if budget is not None:
         lab = with_budget(lab, budget)
     if experiments is not None and experiments < 0:
@@ -162,7 +177,8 @@ def create_run(home: Home, lab_dir: Path, *, agent: str | None, experiments: int
         "agent": agent, "agent_files": agent_files(home, agent, lab.root),
         "budget": lab.budget, "experiments": experiments, "seed": seed, "base_commit": base,
         "program_blob": home.blobs.put(program_bytes), "sandbox": kind, "uid": uid,
-        "search_space": {"editable": lab.editable}, "window_seconds": window_seconds,
+        "memory_policy": memory_policy, **({"memory_from": memory_from} if memory_from else {}),
+        "search_space": lab.search_space(), "window_seconds": window_seconds,
         **({"program_path": str(program_file)} if program_file != lab.root / lab.program else {}),
         **({"batch": batch, "condition": condition} if batch else {})},
         **({"id": request} if request else {}))], expected_n=0)
@@ -243,9 +259,11 @@ def experiment_seed(created: dict[str, Any], step: int, replica: int = 0) -> int
 
 
 def experiment_for(home: Home, run: str, created: dict[str, Any], lab: Lab, snapshot: Path, step: int, *,
-                   budget: str | None = None, env: dict[str, str] | None = None, replica: int = 0) -> Experiment:
+                   budget: str | None = None, env: dict[str, str] | None = None, replica: int = 0,
+                   warm_start: str | None = None) -> Experiment:
     """What the runner needs to run `step` of `run` on the workspace files in `snapshot`, in the run's sandbox,
-    under the judge's copy of the recorded frozen files (the loop and `replay --reexecute` share this)."""
+    under the judge's copy of the recorded frozen files (the loop and `replay --reexecute` share this).
+    `warm_start`: the blob of the checkpoint offered to train(ctx) (`--warm-start`, read by the judge)."""
     scratch = home.path / "tmp" / run / "scratch"
     judge = judge_dir(home, created)
     sandbox = training_sandbox(created.get("uid"), hide=[home.path, Path(created["lab"])], scratch=scratch,
@@ -255,7 +273,8 @@ def experiment_for(home: Home, run: str, created: dict[str, Any], lab: Lab, snap
                       seed=experiment_seed(created, step, replica),
                       secrets=lab_secrets(home), sandbox=sandbox.prefix, cache=private_dir(home.path / "cache"),
                       scratch=scratch,
-                      private=home.path / "tmp" / run / "judge", extra_args=lab.entry_args(), env=env or {})
+                      private=home.path / "tmp" / run / "judge", extra_args=lab.entry_args(), env=env or {},
+                      warm_start=home.blobs.path(warm_start) if warm_start else None)
 
 
 def prompt_template(home: Home, created: dict[str, Any]) -> tuple[str, str | None]:

@@ -39,7 +39,7 @@ from rloopd.agents.streams import Act, StreamParser
 from rloopd.categories import classify
 from rloopd.lab import matches
 from rloopd.log import NewEvent, new_id
-from rloopd.memory.rundir import CHECKPOINT, frozen_dest, materialize_frozen, write_atomic
+from rloopd.memory.rundir import CHECKPOINT, carries, frozen_dest, materialize_frozen, write_atomic
 from rloopd.redact import Redactor
 from rloopd.runner import Interrupted
 from rloopd.runs import prompt_template
@@ -47,6 +47,8 @@ from rloopd.runsocket import RunSocket, SubmitRefused
 from rloopd.sandbox import SessionLimits, give_to, kill_uid, session_sandbox
 from rloopd.session import SessionResult, SessionSpec, run_session
 from rloopd.snapshots import Snapshots, put_file, read_tree
+from rloopd.space import check as check_regions
+from rloopd.space import has_markers
 
 if TYPE_CHECKING:
     from rloopd.loop import Loop
@@ -91,10 +93,9 @@ class SessionDriver:
         env = self.environment(n)
         self.redactor = Redactor(env)
         prompt = self.dir / "prompt.md"
-        write_atomic(prompt, self.prompt(n).encode(), 0o444)
         run_dir = loop.run_dir
         argv, expose, missing = self.command(n, prompt, env)
-        give_to(self.uid, self.dir / "home", self.dir / "tmp", prompt)
+        give_to(self.uid, self.dir / "home", self.dir / "tmp")
         box = session_sandbox(self.uid, home=self.home.path, run_dir=run_dir, session_dir=self.dir,
                               hide=(Path(loop.created["lab"]),),
                               kind=loop.created.get("sandbox", "auto"),
@@ -110,6 +111,10 @@ class SessionDriver:
         loop.append(NewEvent("session.started", started))
         if missing:
             return self.cannot_start(n, missing)
+        if not carries(loop.created.get("memory_policy")):
+            loop.project()  # none, results-only: the session starts with empty notes and artifacts
+        write_atomic(prompt, self.prompt(n).encode(), 0o444)  # rendered from the memory the session is shown
+        give_to(self.uid, prompt)
         self.session = n
         self.parser = self.cli.parser() if self.cli is not None else None
         give_to(self.uid, run_dir / "workspace", run_dir / "memory" / "notes.md", run_dir / "memory" / "artifacts")
@@ -474,15 +479,19 @@ class SessionDriver:
         snapshot reads it: whatever it did, the experiment never runs on it (and it is recorded)."""
         loop, snaps = self.loop, self.home.snapshots
         best = loop.state.best_commit or loop.state.base_commit
-        found, recorded = snaps.entries(workspace), snaps.ls(best)
+        files, recorded = read_tree(workspace), snaps.ls(best)
+        narrowed = self.outside_regions(best, files)  # region-bound files take the best commit's fixed parts
+        for rel, (_, data) in narrowed.items():
+            files[rel] = (recorded[rel][0], data)
+        found = snaps.entries_of(files)
         editable = {p: e for p, e in found.items() if matches(loop.lab.editable, f"workspace/{p}")}
         fixed = {p: e for p, e in recorded.items() if not matches(loop.lab.editable, f"workspace/{p}")}
         sneaked = sorted(p for p in set(found) - set(editable) if found[p] != recorded.get(p))
-        sneaked += sorted(p for p in set(fixed) - set(found))
+        sneaked += sorted(p for p in set(fixed) - set(found)) + sorted(narrowed)
         if sneaked:
             loop.append(NewEvent("integrity.violated", {
                 "step": step, "paths": [f"workspace/{p}" for p in sneaked], "reverted": True,
-                "found": "files outside the editable globs changed while the submit was being made"}))
+                "found": "files outside the editable globs or regions changed while the submit was being made"}))
         return snaps.commit_entries(editable | fixed, run=self.run_id, ref=f"s{step}-a0", message=text,
                                     parent=loop.state.best_commit)
 
@@ -519,7 +528,7 @@ class SessionDriver:
     def capture_memory(self, n: int | None) -> None:
         """notes.md and files under memory/artifacts/ that differ from the log become `memory.written`."""
         memory = self.loop.run_dir / "memory"
-        known = dict(self.loop.fold.mem.files)
+        known = dict(self.loop.fold.mem.visible)  # what the run directory shows (the policy's view)
         # read by file descriptor, links never followed: the agent may still be swapping entries, and a
         # link read as root would copy a file it may not read into its own notes
         self.cap_artifacts(n, memory)
@@ -595,16 +604,46 @@ class SessionDriver:
             have, want = current.get(rel), recorded.get(rel)
             if have is None or want is None or have[0] != want[0] or Snapshots.blob_sha(have[1]) != want[1]:
                 outside.append(rel)
-        if not outside:
-            return
-        for rel in sorted(outside, key=lambda r: r in recorded):  # removals first, then what the commit holds
-            want = recorded.get(rel)
-            data = self.home.snapshots.read(best, rel) if want else None
-            put_file(workspace, rel, data, mode=0o755 if want and want[0] == "100755" else 0o644,
-                     uid=self.uid, link=bool(want and want[0] == "120000"))
-        loop.append(NewEvent("integrity.violated", {"step": step, "paths": [f"workspace/{r}" for r in outside],
-                                                    "found": "files outside the editable globs changed",
-                                                    "reverted": True}))
+        if outside:
+            for rel in sorted(outside, key=lambda r: r in recorded):  # removals first, then what the commit holds
+                want = recorded.get(rel)
+                data = self.home.snapshots.read(best, rel) if want else None
+                put_file(workspace, rel, data, mode=0o755 if want and want[0] == "100755" else 0o644,
+                         uid=self.uid, link=bool(want and want[0] == "120000"))
+            loop.append(NewEvent("integrity.violated", {"step": step, "paths": [f"workspace/{r}" for r in outside],
+                                                        "found": "files outside the editable globs changed",
+                                                        "reverted": True}))
+        narrowed = self.outside_regions(best, current)
+        if narrowed:  # edits inside the regions are kept; the rest of the file is the best commit's
+            for rel, (_, data) in narrowed.items():
+                want = recorded.get(rel)
+                put_file(workspace, rel, data, mode=0o755 if want and want[0] == "100755" else 0o644, uid=self.uid)
+            loop.append(NewEvent("integrity.violated", {
+                "step": step, "paths": [f"workspace/{r}" for r in narrowed], "reverted": True,
+                "found": "; ".join(f"workspace/{r}: {found}" for r, (found, _) in narrowed.items())}))
+
+    def outside_regions(self, best: str, current: dict[str, tuple[str, bytes]]) -> dict[str, tuple[str, bytes]]:
+        """Editable files narrowed to marked regions (the search space's `regions`) whose text outside the
+        regions in force differs from the best commit's: {path: (what was found, the bytes to keep)}."""
+        lab = self.loop.lab
+        if lab.regions is False:
+            return {}
+        snaps = self.home.snapshots
+        out = {}
+        for rel, (mode, _) in snaps.ls(best).items():
+            if mode == "120000" or not matches(lab.editable, f"workspace/{rel}"):
+                continue
+            old = snaps.read(best, rel)
+            if not has_markers(old):  # a file without markers is editable whole
+                continue
+            have = current.get(rel)
+            new = have[1] if have is not None and have[0] != "120000" else None
+            if new == old:
+                continue
+            checked = check_regions(old, new, lab.regions)
+            if not checked.ok:
+                out[rel] = (checked.found, checked.data)
+        return out
 
     def restore_run_dir(self, n: int) -> None:
         """Without bubblewrap an agent can write outside its paths: put frozen/ and program.md back."""

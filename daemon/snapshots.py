@@ -216,7 +216,10 @@ class Snapshots:
 
     def entries(self, workspace: Path) -> dict[str, tuple[str, str]]:
         """{path: (git mode, blob sha)} of the workspace, its blobs written to the repository."""
-        tree_files = read_tree(Path(workspace))
+        return self.entries_of(read_tree(Path(workspace)))
+
+    def entries_of(self, tree_files: dict[str, tuple[str, bytes]]) -> dict[str, tuple[str, str]]:
+        """{path: (git mode, blob sha)} of files given as `read_tree` gives them, their blobs written."""
         if not tree_files:
             return {}
         # the bytes were read safely (read_tree); git hashes copies in a private directory, never a path in

@@ -12,6 +12,8 @@ from rich.text import Text
 from rloopd.errors import StepNotFound
 from rloopd.history import run_state
 from rloopd.home import Home
+from rloopd.inherit import describe as describe_memory
+from rloopd.lab import space_label
 from rloopd.log import Event
 from rloopd.memory.experiments import ExperimentsTable
 from rloopd.memory.state import RunState
@@ -94,19 +96,23 @@ def status_rows(h: Home, archived: bool = False) -> list[dict[str, Any]]:
                      "parent": None if not parent else {"run": parent["run"], "step": parent["step"]},
                      "step": st.step, "experiments": st.experiments, "accepted": st.accepted,
                      "metric": st.metric, "best": st.best, "best_step": st.best_step, "created": created.at,
-                     "sandbox": created.data.get("sandbox"),
+                     "sandbox": created.data.get("sandbox"), "memory": describe_memory(created.data),
+                     "memory_policy": created.data.get("memory_policy") or "notes",
+                     "space": space_label(created.data.get("search_space")),
+                     "search_space": created.data.get("search_space") or {},
                      "warnings": [e.data["message"] for e in h.log.read(created.stream, types=["run.warned"])]})
     return rows
 
 
 def status_table(rows: list[dict[str, Any]]) -> Table:
     table = Table()
-    for col in ("run", "name", "status", "agent", "from", "step", "exps", "kept", "best", "slot", "elapsed"):
+    for col in ("run", "name", "status", "agent", "memory", "space", "from", "step", "exps", "kept", "best", "slot",
+                "elapsed"):
         table.add_column(col, no_wrap=col in ("run", "best"))
     for r in rows:
         live = r.get("live") or {}
         origin = f"{r['parent']['run']}@{r['parent']['step']}" if r.get("parent") else "-"
-        table.add_row(r["run_id"], r["name"], r["status"], r["agent"], origin, str(r["step"]), str(r["experiments"]),
+        table.add_row(r["run_id"], r["name"], r["status"], r["agent"], r["memory"], r["space"], origin, str(r["step"]), str(r["experiments"]),
                       str(r["accepted"]), f"{r['metric']} {_fmt(r['best'])}", ",".join(live.get("slot") or []) or "-",
                       f"{live['elapsed']:.0f} s" if live.get("elapsed") is not None else "-")
     return table
@@ -127,7 +133,9 @@ def step_detail(h: Home, run: str, step: int) -> dict[str, Any]:
             "params": last.get("params", {}), "status": finished[-1]["status"] if finished else "running",
             "metrics": finished[-1]["metrics"] if finished else {},
             "wall_seconds": finished[-1].get("wall_seconds") if finished else None,
-            "decision": decided[-1] if decided else None, "diff": diff}
+            "decision": decided[-1] if decided else None, "diff": diff,
+            "warm_start": {"offered": last["warm_start_blob"], "used": finished[-1].get("warm_started") if finished
+                           else None} if last.get("warm_start_blob") else None}
 
 
 def print_step(console: Console, d: dict[str, Any]) -> None:
@@ -135,6 +143,10 @@ def print_step(console: Console, d: dict[str, Any]) -> None:
     console.print(f"status {d['status']}  category {d['category'] or '-'}  wall {_fmt(d['wall_seconds'])} s")
     for k, v in sorted(d["metrics"].items()):
         console.print(f"  {k}: {_fmt(v)}")
+    if d.get("warm_start"):
+        ws = d["warm_start"]
+        used = {True: "loaded it", False: "did not load it", None: "-"}[ws["used"]]
+        console.print(f"warm start: offered checkpoint {ws['offered'][:12]}; train(ctx) {used}")
     if d["decision"]:
         dec = d["decision"]
         console.print(f"decision: {'accepted' if dec['accepted'] else 'rejected'} ({dec['reason']}); "

@@ -65,16 +65,27 @@ class Context:
 
     vocab_size = VOCAB
 
-    def __init__(self, rx: int, tx: int, budget: str, device: str, seed: int):
+    def __init__(self, rx: int, tx: int, budget: str, device: str, seed: int, checkpoint: str | None = None):
         import torch
         self._torch, self._rx, self._tx = torch, rx, tx
         self.device, self.seed, self.budget = device, seed, budget
+        self.checkpoint = checkpoint  # the run's best model, when the run offers one (memory/checkpoint.pt)
+        self.warm_started = False     # load_checkpoint() was called: the result records it
         kind, _, value = budget.partition(":")
         self.max_steps = int(value) if kind == "steps" else None
         self.max_seconds = None if kind == "steps" else float(budget)
         self.step = 0          # batches received so far
         self.started = None    # monotonic time of the first batch
         self.stopped = False   # the judge said the budget is spent
+
+    def load_checkpoint(self):
+        """The offered checkpoint (the nn.Module a previous train(ctx) returned) on ctx.device, or None when
+        the run offers none. Its classes are found in this train.py, so they must still exist by name."""
+        if self.checkpoint is None:
+            return None
+        model = self._torch.load(self.checkpoint, map_location="cpu", weights_only=False).to(self.device)
+        self.warm_started = True
+        return model
 
     def batch(self, batch_size: int, context: int):
         """One (x, y) batch, or None once the budget is spent."""
@@ -148,11 +159,12 @@ def run_train(args) -> None:
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     module = import_train(args.workspace)
-    ctx = Context(args.rx, args.tx, args.budget, args.device, args.seed)
+    ctx = Context(args.rx, args.tx, args.budget, args.device, args.seed, args.warm_start)
     model = module.train(ctx)
     cuda = args.device.startswith("cuda")
     info = {"device_name": torch.cuda.get_device_name() if cuda else "cpu",
-            "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}
+            "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+            "warm_started": ctx.warm_started}
     send(args.tx, b"D", json.dumps(info).encode())
     model = check_model(model)
     torch.save(model.cpu(), os.path.join(args.out, "model.pt"))
@@ -194,6 +206,7 @@ def main() -> None:
     p.add_argument("--budget", default="steps:1")
     p.add_argument("--out", help="train: the directory to save model.pt in")
     p.add_argument("--model", help="forward: the saved model")
+    p.add_argument("--warm-start", help="train: a checkpoint ctx.load_checkpoint() may load")
     args = p.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # the log keeps what was printed before a kill
     try:

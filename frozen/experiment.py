@@ -62,6 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--memory-limit", type=int, metavar="MB", help="RLIMIT_AS for each child")
     p.add_argument("--log", type=Path, help="file for the children's stdout and stderr (never parsed)")
     p.add_argument("--save-model", type=Path, help="after an ok result, copy the trained model.pt here")
+    p.add_argument("--warm-start", type=Path, help="a checkpoint (model.pt) train(ctx) may load: ctx.load_checkpoint()")
     return p.parse_args(argv)
 
 
@@ -99,14 +100,15 @@ def run(args, secrets: dict, sealed: bool) -> dict:
               "train_tokens": None, "peak_memory_mb": None, "params": None, "context_len": None,
               "tokens_per_second": None, "mfu": None, "eval_seconds": None, "wall_seconds": None,
               "probes": None, "probe_max_diff": None, "device": device, "device_name": None, "seed": args.seed,
-              "budget": args.budget, "source": args.source, "sealed": sealed}
+              "budget": args.budget, "source": args.source, "sealed": sealed,
+              "warm_started": False if args.warm_start else None}
     cache = args.cache or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rloop-lab"
     splits = data.load(args.source, secrets["data_seed"], secrets["test_secret"], args.eval_bytes, cache)
     result.update(oracle_bpb=splits.oracle_val, oracle_test_bpb=splits.oracle_test)
     log = open(args.log, "ab") if args.log else tempfile.TemporaryFile()
     opts = judge.Options(workspace=args.workspace, budget=args.budget, timeout=args.timeout, seed=args.seed,
                          device=device, sandbox=shlex.split(args.sandbox), memory_limit_mb=args.memory_limit,
-                         log=log, scratch=args.scratch)
+                         log=log, scratch=args.scratch, warm_start=args.warm_start)
     eval_seed = hashlib.sha256(f"eval:{secrets['test_secret']}:{secrets['data_seed']}:{args.seed}".encode()).hexdigest()
     base = judge.prepare(opts)
     try:
@@ -151,6 +153,9 @@ def main(argv=None) -> int:
         return 2
     if not (args.workspace / "train.py").is_file():
         print(f"experiment: {args.workspace}/train.py does not exist", file=sys.stderr)
+        return 2
+    if args.warm_start is not None and not args.warm_start.is_file():
+        print(f"experiment: --warm-start {args.warm_start}: no such file", file=sys.stderr)
         return 2
     args.result.unlink(missing_ok=True)  # a stale or planted file must never pass for this run's result
     try:

@@ -55,6 +55,7 @@ class Options:
     memory_limit_mb: int | None = None
     log: object = None               # a binary file the children's stdout and stderr go to
     scratch: Path | None = None
+    warm_start: Path | None = None   # a checkpoint (a model.pt of this lab) offered to train(ctx)
 
 
 # --- I/O with deadlines: a child that stops reading or writing must not hang the judge ---
@@ -201,6 +202,10 @@ def prepare(opts: Options) -> Path:
                     ignore=shutil.ignore_patterns(".git", "__pycache__", "*.pyc"))
     for d in [base / "workspace", *sorted((base / "workspace").rglob("*"))]:
         d.chmod(0o755 if d.is_dir() else 0o644)
+    if opts.warm_start is not None:  # a read-only copy: train(ctx) may load it, never change the original
+        (base / "warm").mkdir(mode=0o755)
+        shutil.copyfile(opts.warm_start, base / "warm" / "checkpoint.pt")
+        (base / "warm" / "checkpoint.pt").chmod(0o444)
     for name in ("model", "tmp"):
         (base / name).mkdir()
         (base / name).chmod(0o777)  # the children's uid is the sandbox's business; it must be able to write
@@ -212,8 +217,9 @@ def prepare(opts: Options) -> Path:
 def train(opts: Options, base: Path, train_bytes: bytes) -> dict:
     """Serve batches until the budget is spent; returns steps, tokens, seconds, peak memory and device."""
     deadline = time.monotonic() + opts.timeout
+    warm = ["--warm-start", str(base / "warm" / "checkpoint.pt")] if opts.warm_start is not None else []
     child = Child(opts, base, "train", base / "model",
-                  ["--out", str(base / "model"), "--seed", str(opts.seed), "--budget", opts.budget], deadline)
+                  ["--out", str(base / "model"), "--seed", str(opts.seed), "--budget", opts.budget, *warm], deadline)
     kind, _, value = opts.budget.partition(":")
     max_steps = int(value) if kind == "steps" else None
     max_seconds = None if kind == "steps" else float(opts.budget)
@@ -266,7 +272,8 @@ def train(opts: Options, base: Path, train_bytes: bytes) -> dict:
     cuda_peak = info.get("cuda_peak_mb")
     return {"model_sha256": model_sha, "train_steps": steps, "train_tokens": tokens, "train_seconds": round(seconds, 3),
             "peak_memory_mb": round(float(cuda_peak if isinstance(cuda_peak, (int, float)) else child.maxrss_mb), 1),
-            "device_name": str(info.get("device_name", ""))[:100]}
+            "device_name": str(info.get("device_name", ""))[:100],
+            "warm_started": bool(info.get("warm_started")) if opts.warm_start is not None else None}
 
 
 def seal(base: Path) -> str:

@@ -177,7 +177,8 @@ class Folded:
             "state": asdict(self.state), "metric_of": self.metric_of,
             "mem": {"program_blob": self.mem.program_blob, "files": self.mem.files,
                     "checkpoint_blob": self.mem.checkpoint_blob,
-                    "pending_checkpoint": sorted(self.mem.pending_checkpoint.items())}},
+                    "pending_checkpoint": sorted(self.mem.pending_checkpoint.items()),
+                    "policy": self.mem.policy, "visible": self.mem.visible, "inherited": self.mem.inherited}},
             sort_keys=True, separators=(",", ":"))
 
     def load_state(self, text: str) -> None:
@@ -188,7 +189,8 @@ class Folded:
             self.state = RunState(**{**s, **attempts})
             m = d["mem"]
             self.mem = MemoryFiles(m["program_blob"], dict(m["files"]), m["checkpoint_blob"],
-                                   {int(k): v for k, v in m["pending_checkpoint"]})
+                                   {int(k): v for k, v in m["pending_checkpoint"]}, m["policy"], dict(m["visible"]),
+                                   m["inherited"])
             self.metric_of = dict(d["metric_of"])
         except (ValueError, KeyError, TypeError) as e:
             raise Damaged(f"state: {e}") from None

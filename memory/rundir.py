@@ -20,36 +20,79 @@ from rloopd.log import Event
 from rloopd.snapshots import put_file, read_tree
 
 CHECKPOINT = "checkpoint.pt"
+POLICIES = ("notes", "none", "results-only", "from:RUN[@STEP]")
+
+
+def policy_kind(policy: str | None) -> str:
+    """`notes`, `none`, `results-only` or `from` (for `from:RUN[@STEP]`); what a session is shown:
+
+    | kind         | results.tsv | notes.md, artifacts/              | checkpoint.pt (and warm start) |
+    |--------------|-------------|-----------------------------------|--------------------------------|
+    | notes        | yes         | carried across sessions           | the run's best                 |
+    | from         | yes         | the source's, then carried        | the source's, then the run's   |
+    | results-only | yes         | empty at each session start       | no                             |
+    | none         | no          | empty at each session start       | no                             |
+
+    Under `none` and `results-only` the agent may still write notes and artifacts during a session; they
+    are captured as `memory.written` like any other (the log keeps them), and simply not shown again."""
+    policy = policy or "notes"
+    return "from" if policy.startswith("from:") else policy
+
+
+def carries(policy: str | None) -> bool:
+    """Whether notes, artifacts and the checkpoint carry from one session to the next."""
+    return policy_kind(policy) in ("notes", "from")
 
 
 @dataclass
 class MemoryFiles:
-    """The fold of `memory.written`, `checkpoint.saved` (accepted) and `program.changed` events."""
+    """The fold of `memory.written`, `checkpoint.saved` (accepted), `program.changed` and, for the memory
+    policies that carry nothing, `session.started` (see `policy_kind`)."""
 
-    TYPES = frozenset({"run.created", "program.changed", "memory.written", "checkpoint.saved", "experiment.decided"})
+    TYPES = frozenset({"run.created", "program.changed", "memory.written", "checkpoint.saved", "experiment.decided",
+                       "session.started"})
 
     program_blob: str | None = None
-    files: dict[str, str] = field(default_factory=dict)  # path inside memory/ -> blob
+    files: dict[str, str] = field(default_factory=dict)  # path inside memory/ -> blob: all the log holds
     checkpoint_blob: str | None = None
     pending_checkpoint: dict[int, str] = field(default_factory=dict)
+    policy: str = "notes"
+    visible: dict[str, str] = field(default_factory=dict)  # what the run directory shows (files, when carried)
+    inherited: bool = False  # the checkpoint came from another run (`from:`); the baseline does not replace it
 
     def apply(self, e: Event) -> None:
         d: dict[str, Any] = e.data
         if e.type == "run.created":
             self.program_blob = d.get("program_blob")
+            self.policy = d.get("memory_policy") or "notes"
+            source = d.get("memory_from")
+            if source and not d.get("parent"):  # a fork keeps what its parent's history folded to
+                self.files = {f["path"]: f["blob"] for f in source.get("files", [])}
+                self.visible = dict(self.files)
+                self.checkpoint_blob = source.get("checkpoint_blob")
+                self.inherited = self.checkpoint_blob is not None
         elif e.type == "program.changed":
             self.program_blob = d["program_blob"]
+        elif e.type == "session.started":
+            if not carries(self.policy):
+                self.visible = {}
         elif e.type == "memory.written":
-            if d.get("blob"):
-                self.files[d["path"]] = d["blob"]
-            else:
-                self.files.pop(d["path"], None)
+            for files in (self.files, self.visible):
+                if d.get("blob"):
+                    files[d["path"]] = d["blob"]
+                else:
+                    files.pop(d["path"], None)
         elif e.type == "checkpoint.saved":
             self.pending_checkpoint[d["step"]] = d["blob"]
         elif e.type == "experiment.decided":
             blob = self.pending_checkpoint.pop(d["step"], None)
-            if d["accepted"] and blob:
+            if d["accepted"] and blob and not (self.inherited and d["step"] == 0):
                 self.checkpoint_blob = blob
+
+    @property
+    def shown_checkpoint(self) -> str | None:
+        """The checkpoint the run directory shows and a lab may warm-start from, under the policy."""
+        return self.checkpoint_blob if carries(self.policy) else None
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -89,6 +132,7 @@ def project_memory(run_dir: Path, mem: MemoryFiles, blobs: BlobStore, results_ts
     megabytes) is not rewritten after every experiment; pass the same dict each time, or None.
     """
     written = {} if written is None else written
+    kind = policy_kind(mem.policy)
 
     def put(path: Path, blob: str, mode: int = 0o644) -> None:
         key = str(path)
@@ -100,23 +144,27 @@ def project_memory(run_dir: Path, mem: MemoryFiles, blobs: BlobStore, results_ts
         put(run_dir / "program.md", mem.program_blob, 0o444)
     memory = run_dir / "memory"
     (memory / "artifacts").mkdir(parents=True, exist_ok=True)
-    write_atomic(memory / "results.tsv", results_tsv.encode(), 0o444)
+    if kind != "none":
+        write_atomic(memory / "results.tsv", results_tsv.encode(), 0o444)
     notes = memory / "notes.md"
-    if "notes.md" in mem.files:
-        put(notes, mem.files["notes.md"])
-    elif not notes.exists():
-        write_atomic(notes, b"")
-    for path, blob in mem.files.items():  # artifacts/: the agent's own directory, written by descriptor
+    if "notes.md" in mem.visible:
+        put(notes, mem.visible["notes.md"])
+    elif not notes.exists() or (not carries(mem.policy) and (notes.is_symlink() or notes.stat().st_size)):
+        write_atomic(notes, b"")  # nothing written yet, or a new session under a policy that carries nothing
+        written.pop(str(notes), None)
+    for path, blob in mem.visible.items():  # artifacts/: the agent's own directory, written by descriptor
         if path != "notes.md" and (written.get(str(memory / path)) != blob or not (memory / path).is_file()):
             put_file(memory, path, blobs.get(blob))
             written[str(memory / path)] = blob
     # A checkpoint `rloopd gc` collected (a fork's at an old step) is simply absent; audit tells that from a loss.
-    checkpoint = mem.checkpoint_blob if mem.checkpoint_blob and blobs.exists(mem.checkpoint_blob) else None
+    shown = mem.shown_checkpoint
+    checkpoint = shown if shown and blobs.exists(shown) else None
     if checkpoint:
         put(memory / CHECKPOINT, checkpoint, 0o444)
     # What is not in the log does not survive: files the fold does not name are removed. Under artifacts/
     # a live agent may swap a directory for a link, so that tree is walked and pruned by descriptor.
-    keep = {"results.tsv", "notes.md", *mem.files} | ({CHECKPOINT} if checkpoint else set())
+    keep = ({"results.tsv"} if kind != "none" else set()) | {"notes.md", *mem.visible} | \
+        ({CHECKPOINT} if checkpoint else set())
     artifacts = memory / "artifacts"
     if artifacts.is_dir() and not artifacts.is_symlink():
         for rel in read_tree(artifacts, contents=False):

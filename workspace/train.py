@@ -13,21 +13,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # --- hyperparameters ---
+# The marked regions below are what the search space presets of rloop.toml narrow this file to:
+# `hparams` is every constant, `optimizer` the optimizer and schedule (its constants and code).
+# rloop: begin editable hparams optimizer
 LEARNING_RATE = 2e-3     # peak learning rate (AdamW)
 MIN_LR_FRAC = 0.1        # the learning rate decays to this fraction of the peak
 WARMUP = 20              # warmup, in optimizer steps
 WARMDOWN = 0.4           # fraction of the budget spent decaying the learning rate
+WEIGHT_DECAY = 0.1       # AdamW weight decay (matrices only)
+OPTIMIZER = "adamw"      # "adamw" or "sgd" (with Nesterov momentum)
+BETA2 = 0.99             # AdamW second-moment decay
+GRAD_CLIP = 1.0          # clip the gradient norm to this (0: no clipping)
+# rloop: end editable
+# rloop: begin editable hparams
 DEPTH = 2                # transformer blocks
 WIDTH = 128              # embedding width
 N_HEAD = 4               # attention heads (WIDTH must divide by N_HEAD)
 MLP_RATIO = 4            # hidden width of the MLP, as a multiple of WIDTH
 CONTEXT = 128            # context length in bytes: the model's declared context_len
 BATCH_SIZE = 32          # sequences per batch
-WEIGHT_DECAY = 0.1       # AdamW weight decay (matrices only)
 DROPOUT = 0.0            # dropout rate (the data is plentiful; usually 0)
-OPTIMIZER = "adamw"      # "adamw" or "sgd" (with Nesterov momentum)
-BETA2 = 0.99             # AdamW second-moment decay
-GRAD_CLIP = 1.0          # clip the gradient norm to this (0: no clipping)
+WARM_START = False       # start from the run's best model (ctx.load_checkpoint()) when the run offers one
+# rloop: end editable
 VOCAB = 256              # bytes
 
 
@@ -95,6 +102,7 @@ class GPT(nn.Module):
         return self.head(self.ln_f(x))  # (B, T, VOCAB)
 
 
+# rloop: begin editable optimizer
 def make_optimizer(model):
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
@@ -112,13 +120,15 @@ def lr_at(step, progress):
         return LEARNING_RATE
     frac = (1 - progress) / WARMDOWN
     return LEARNING_RATE * (MIN_LR_FRAC + (1 - MIN_LR_FRAC) * frac)
+# rloop: end editable optimizer
 
 
 def train(ctx):
     cuda = ctx.device.startswith("cuda")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
-    model = GPT().to(ctx.device)
+    warm = ctx.load_checkpoint() if WARM_START else None  # None when the run offers no checkpoint
+    model = warm if warm is not None else GPT().to(ctx.device)
     opt = make_optimizer(model)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params: {n_params:,}  device: {ctx.device}  budget: {ctx.budget}")

@@ -19,7 +19,8 @@ import surface  # noqa: E402
 
 p = argparse.ArgumentParser()
 for name in ("--workspace", "--result", "--budget", "--timeout", "--seed", "--secrets-fd", "--sandbox",
-             "--cache", "--scratch", "--log", "--source", "--memory-limit", "--device", "--save-model"):
+             "--cache", "--scratch", "--log", "--source", "--memory-limit", "--device", "--save-model",
+             "--warm-start"):
     p.add_argument(name)
 a = p.parse_args()
 secrets = json.loads(os.read(int(a.secrets_fd), 4096)) if a.secrets_fd else {"test_secret": ""}
@@ -42,6 +43,8 @@ secret_shift = (sum(secrets.get("test_secret", "").encode()) % 97) / 1e4  # the 
 result = {"status": status, "val_bpb": round(value, 6) if status == "ok" else None,
           "test_bpb": round(value + 0.0123 + secret_shift, 6) if status == "ok" else None,
           "oracle_bpb": 1.0, "train_steps": int(str(a.budget).split(":")[-1]) if "steps" in str(a.budget) else None}
+if a.warm_start:  # WARM_START = True in train.py "loads" the offered checkpoint: it must be one this lab saved
+    result["warm_started"] = bool(consts.get("WARM_START")) and "WIDTH" in json.loads(Path(a.warm_start).read_text())
 if status == "ok" and a.save_model:  # a stand-in checkpoint: the constants it was "trained" with
     Path(a.save_model).write_text(json.dumps(consts, sort_keys=True))
 Path(a.result).write_text(json.dumps(result))
