@@ -195,6 +195,14 @@ def create_run(home: Home, lab_dir: Path, *, agent: str | None, experiments: int
     home.secure_run(run, {"sandbox": kind, "uid": uid})
     home.snapshots.restore(base, run_dir / "workspace")
     materialize_frozen(run_dir, manifest, home.blobs)
+    if memory_from:  # the inherited memory is there to read before the run starts
+        from rloopd.memory.experiments import ExperimentsTable
+        from rloopd.memory.folded import fold_history
+        from rloopd.memory.rundir import project_memory
+
+        fold = fold_history(home.log, run)
+        project_memory(run_dir, fold.mem, home.blobs, fold.results_tsv(lab.metric.name))
+        ExperimentsTable(home.log).set_position(f"rundir:{run}", fold.state.position)  # what replay compares
     return run
 
 
