@@ -228,7 +228,8 @@ def batch_info(home: Home, batch: str) -> dict[str, Any]:
     from rloopd.history import run_state
 
     [created] = list(home.log.read(f"batch:{batch}", types=["batch.created"]))
-    rows = {c["name"]: {"condition": c["name"], "agent": c["agent"], "runs": 0, "finished": 0, "running": 0,
+    rows = {c["name"]: {"condition": c["name"], "agent": c["agent"], "memory": c.get("memory") or "notes",
+                        "space": c.get("space"), "runs": 0, "finished": 0, "running": 0,
                         "experiments": 0, "caps": [], "bests": []} for c in created.data["conditions"]}
     direction = "minimize"
     for e in home.log.read(f"batch:{batch}", types=["batch.run-added"]):

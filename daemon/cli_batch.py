@@ -31,12 +31,13 @@ def _fmt(value: float | None) -> str:
 def status_table(info: dict[str, Any]) -> Table:
     statistic = info["criteria"].get("statistic", "median")
     table = Table(title=f"batch {info['batch']}: {info['question']}", title_justify="left")
-    for col in ("condition", "agent", "runs", "finished", "running", "experiments", f"{statistic} best", "best"):
-        table.add_column(col, justify="left" if col in ("condition", "agent") else "right")
+    for col in ("condition", "agent", "memory", "space", "runs", "finished", "running", "experiments",
+                f"{statistic} best", "best"):
+        table.add_column(col, justify="left" if col in ("condition", "agent", "memory", "space") else "right")
     for row in info["conditions"]:
         done = f"{row['experiments']}" + (f"/{row['cap']}" if row["cap"] is not None else "")
         table.add_row(row["condition"] + (" (baseline)" if row["condition"] == info["criteria"]["baseline"] else ""),
-                      row["agent"], str(row["runs"]), str(row["finished"]), str(row["running"]), done,
+                      row["agent"], row["memory"], row["space"] or "lab default", str(row["runs"]), str(row["finished"]), str(row["running"]), done,
                       _fmt(row[statistic]), _fmt(row["best"]))
     return table
 

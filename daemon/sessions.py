@@ -661,8 +661,8 @@ class SessionDriver:
                                         hashlib.sha256(program.read_bytes()).hexdigest() != loop.state.program_blob):
             bad.append("program.md")
         checkpoint = run_dir / "memory" / CHECKPOINT
-        if loop.fold.mem.checkpoint_blob and checkpoint.is_file() and \
-                hashlib.sha256(checkpoint.read_bytes()).hexdigest() != loop.fold.mem.checkpoint_blob:
+        if loop.fold.mem.shown_checkpoint and checkpoint.is_file() and \
+                hashlib.sha256(checkpoint.read_bytes()).hexdigest() != loop.fold.mem.shown_checkpoint:
             bad.append(f"memory/{CHECKPOINT}")
         if not bad:
             return

@@ -5,8 +5,10 @@
 Needs only the standard library and torch (it runs frozen/experiment.py, as the runner does), so it works
 on a bare GPU box with no rloopd installed. It runs the tiny configuration of tests/test_lab_gpu.py
 (steps:30), the reference train.py under the lab's real budget (12 s), the largest model of the lab's
-[params] space under the same budget, and the reference under steps:60 twice with one seed, to show how
-far a GPU run repeats itself. Exit 1 if any experiment did not finish with status "ok".
+[params] space under the same budget, the reference under steps:60 twice with one seed, to show how
+far a GPU run repeats itself, and a warm start (`WARM_START = True`, `--warm-start` the first repeat's saved
+model) that must load the checkpoint on the GPU and end below the cold run. Exit 1 if any experiment did not
+finish with status "ok", or the warm start did not load the checkpoint.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"DEPTH": 1, "WIDTH": 32, "N_HEAD": 2, "MLP_RATIO": 2, "CONTEXT": 32, "BATCH_SIZE": 8, "WARMUP": 2}
 LARGE = {"DEPTH": 6, "WIDTH": 256, "N_HEAD": 8, "MLP_RATIO": 4, "CONTEXT": 512, "BATCH_SIZE": 128}
-KEYS = ("status", "reason", "val_bpb", "oracle_bpb", "train_steps", "train_seconds", "tokens_per_second", "mfu",
-        "peak_memory_mb", "params", "probes", "probe_max_diff", "device", "device_name", "eval_seconds",
+KEYS = ("status", "reason", "warm_started", "val_bpb", "oracle_bpb", "train_steps", "train_seconds",
+        "tokens_per_second", "mfu", "peak_memory_mb", "params", "probes", "probe_max_diff", "device", "device_name", "eval_seconds",
         "wall_seconds", "error")
 
 
@@ -35,14 +37,16 @@ def constants(text: str, values: dict) -> str:
     return text
 
 
-def experiment(tmp: Path, label: str, values: dict, budget: str, device: str, seed: int = 0) -> dict:
+def experiment(tmp: Path, label: str, values: dict, budget: str, device: str, seed: int = 0,
+               warm: Path | None = None) -> dict:
     ws = tmp / label / "workspace"
     ws.mkdir(parents=True)
     (ws / "train.py").write_text(constants((ROOT / "workspace" / "train.py").read_text(), values))
     out = tmp / label / "result.json"
     cmd = [sys.executable, str(ROOT / "frozen" / "experiment.py"), "--workspace", str(ws), "--result", str(out),
            "--budget", budget, "--timeout", "300", "--seed", str(seed), "--device", device,
-           "--cache", str(tmp / "cache"), "--log", str(tmp / label / "train.log")]
+           "--cache", str(tmp / "cache"), "--log", str(tmp / label / "train.log"),
+           "--save-model", str(tmp / label / "model.pt"), *(["--warm-start", str(warm)] if warm else [])]
     began = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     result = json.loads(out.read_text()) if out.exists() else {"status": "no-result", "error": proc.stderr[-400:]}
@@ -78,6 +82,14 @@ def main() -> int:
             lines += [a, b]
             if a["val_bpb"] is not None and b["val_bpb"] is not None:
                 print(json.dumps({"check": "repeat", "val_bpb_diff": abs(a["val_bpb"] - b["val_bpb"])}), flush=True)
+            warm = experiment(tmp, "warm-start", {"WARM_START": True}, "steps:60", args.device, seed=2,
+                              warm=tmp / "repeat-a" / "model.pt")
+            lines.append(warm)
+            if not warm["warm_started"]:
+                warm["status"] = "warm start not loaded"
+            elif a["val_bpb"] is not None and warm["val_bpb"] is not None:
+                print(json.dumps({"check": "warm-start", "cold_val_bpb": a["val_bpb"], "warm_val_bpb": warm["val_bpb"],
+                                  "gain": round(a["val_bpb"] - warm["val_bpb"], 4)}), flush=True)
     ok = all(line["status"] == "ok" for line in lines)
     print(json.dumps({"verdict": "ok" if ok else "failed", "experiments": len(lines)}), flush=True)
     return 0 if ok else 1

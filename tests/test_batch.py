@@ -94,6 +94,12 @@ def test_without_a_daemon_a_batch_runs_here(tmp_path, home_dir):
     ("", '[[conditions]]\nname = "random"\nagent = "random"\n[[conditions]]\nname = "random"\nagent = "random"\n',
      ["share a name"]),
     ("colour = 3\n", None, ["colour"]),
+    ("", '[[conditions]]\nname = "random"\nagent = "random"\nspace = "tiny"\n',
+     ["conditions.0.space", "tiny", "defines no search space"]),
+    ('space = "tiny"\n', None, [": space: tiny", "defines no search space"]),
+    ("", '[[conditions]]\nname = "random"\nagent = "random"\nmemory = "forgetful"\n',
+     ["conditions.0.memory", "forgetful", "use notes, none, results-only or from:RUN[@STEP]"]),
+    ('memory = "from:nosuchrun@3"\n', None, [": memory: from:nosuchrun@3", "no run"]),
 ])
 def test_bad_batch_files_name_the_field_and_create_nothing(tmp_path, home_dir, body, conditions, words):
     lab = make_lab(tmp_path)
@@ -115,3 +121,30 @@ def test_a_lab_of_another_metric_is_refused(tmp_path, home_dir):
     path = batch_file(tmp_path, lab)
     proc = rloopd("batch", "run", str(path), home=home_dir)
     assert proc.returncode != 0 and "criteria.metric" in proc.stderr and "'loss'" in proc.stderr
+
+
+def test_conditions_may_differ_in_memory_policy_and_search_space_only(tmp_path, home_dir):
+    lab = make_lab(tmp_path)
+    toml = lab / "rloop.toml"
+    top, sep, rest = toml.read_text().partition("\n[")
+    toml.write_text(top + '\n[spaces.lr]\neditable = ["workspace/*.py"]\n' + sep + rest)
+    path = batch_file(tmp_path, lab, 'memory = "results-only"\n', conditions="""
+[[conditions]]
+name = "random"
+agent = "random"
+
+[[conditions]]
+name = "lr-none"
+agent = "random"
+space = "lr"
+memory = "none"
+""")
+    proc = rloopd("batch", "run", str(path), "--json", home=home_dir, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["condition"]: r for r in json.loads(proc.stdout)["conditions"]}
+    assert (rows["random"]["memory"], rows["random"]["space"]) == ("results-only", None)
+    assert (rows["lr-none"]["memory"], rows["lr-none"]["space"]) == ("none", "lr")
+    with Home.open(home_dir) as h:
+        made = {(e.data["condition"], e.data["memory_policy"], e.data["search_space"].get("preset"))
+                for e in h.log.runs()}
+    assert made == {("random", "results-only", None), ("lr-none", "none", "lr")}

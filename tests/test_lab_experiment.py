@@ -136,3 +136,20 @@ def test_mfu_keeps_small_models_above_zero_and_knows_the_cards(monkeypatch):
     assert 0 < tiny < 1e-5
     assert mod.mfu("NVIDIA H100 80GB HBM3", 4_987_392, 2_847_029.0) == pytest.approx(0.0861, rel=1e-3)
     assert mod.mfu("cpu", 25_792, 3433.2) is None and mod.mfu("NVIDIA A100-SXM4-40GB", None, 1.0) is None
+
+
+def test_a_warm_start_loads_the_offered_checkpoint_and_says_so(tmp_path, cache):
+    """--warm-start: train(ctx) may load the checkpoint (ctx.load_checkpoint()); the result says whether it
+    did, and a model that starts from a trained one ends better than a cold start with the same steps."""
+    from rloopd.lab import set_constants
+
+    ws = h.workspace(tmp_path, h.tiny_train_py())
+    model = tmp_path / "first.pt"
+    cold, log, proc = h.run(ws, tmp_path / "a", cache, "--save-model", str(model), budget="steps:30", seed=1)
+    assert cold["status"] == "ok" and cold["warm_started"] is None and model.is_file(), log[-2000:]
+    warm_ws = h.workspace(tmp_path, set_constants(h.tiny_train_py(), {"WARM_START": True}), "warm")
+    warm, log, _ = h.run(warm_ws, tmp_path / "c", cache, "--warm-start", str(model), budget="steps:30", seed=2)
+    assert warm["status"] == "ok" and warm["warm_started"] is True, log[-2000:]
+    assert warm["val_bpb"] < cold["val_bpb"] - 0.05  # 60 steps of training in all against 30
+    missing, _, proc = h.run(ws, tmp_path / "d", cache, "--warm-start", str(tmp_path / "nope.pt"))
+    assert missing is None and proc.returncode == 2 and "--warm-start" in proc.stderr
