@@ -12,7 +12,7 @@ A batch file (TOML, validated with pydantic; paths relative to the file)::
     sandbox = "auto"
 
     [criteria]
-    metric = "val_bpb"             # must be every lab's metric
+    metric = "val_bpb"             # must be every lab's metric (default: the labs' own, if they agree)
     baseline = "random"            # the condition the others are compared with
     statistic = "median"           # of each run's final best: median or mean
 
@@ -70,7 +70,7 @@ class Condition(BaseModel):
 
 class Criteria(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    metric: str = "val_bpb"
+    metric: str | None = None  # None: the labs' own metric (every condition's lab must report the same)
     baseline: str
     statistic: Literal["median", "mean"] = "median"
 
@@ -123,6 +123,7 @@ def load_batch(path: Path, home: Home | None = None) -> tuple[BatchFile, list[di
     except SandboxError as e:
         raise LabConfigError(f"{path}: sandbox: {str(e).removeprefix('--sandbox ')}") from None
     resolved = []
+    first = None  # the condition whose lab gave the metric, when criteria.metric is not named
     for i, c in enumerate(spec.conditions):
         where = f"{path}: conditions.{i}"
 
@@ -169,9 +170,14 @@ def load_batch(path: Path, home: Home | None = None) -> tuple[BatchFile, list[di
         if seconds is not None and lab.budget_seconds and seconds < lab.budget_seconds:
             raise LabConfigError(f"{field('window', c.window)}: {window} is shorter than one experiment's budget "
                                  f"({lab.budget} s)")
+        if spec.criteria.metric is None:  # not named: the first condition's lab's, which the others must share
+            spec.criteria.metric = lab.metric.name
+            first = i
         if lab.metric.name != spec.criteria.metric:
+            said = ("criteria.metric is" if first is None else
+                    f"conditions.{first}'s lab reports (set criteria.metric to say which is meant)")
             raise LabConfigError(f"{field('lab', c.lab)}: {lab_dir} reports {lab.metric.name!r}, but "
-                                 f"criteria.metric is {spec.criteria.metric!r}")
+                                 f"{said} {spec.criteria.metric!r}")
         program = None
         if c.program is not None:
             program = (path.parent / c.program).resolve()

@@ -30,10 +30,12 @@ def report_cmd(
 ) -> None:
     """Write curves.png, runs.png, ideas.png, summary.json and a self-contained report.html for runs.
 
-    Runs are grouped into conditions by the condition their batch gave them, else by their agent. The
-    numbers follow DESIGN section 3 (experiments, valid ones, accepted-change rate, restarts, theoretical
-    maximum); each condition is compared with the baseline by the difference of the final bests (median, or the batch criteria's statistic), a
-    bootstrap interval and a Mann-Whitney U test. Nothing is written when an argument is bad.
+    Runs are grouped into conditions by the condition their batch gave them, else by what they were made
+    with: agent, program, memory policy and search space (each condition names all four). Runs whose
+    metric or direction differ are refused. The numbers follow DESIGN section 3 (experiments, valid ones,
+    accepted-change rate, restarts, theoretical maximum); each condition is compared with the baseline by
+    the difference of the final bests (median, or the batch criteria's statistic), a bootstrap interval
+    and a Mann-Whitney U test. Nothing is written when an argument is bad.
 
     Example: rloopd report --batch 3f0c9a1e2b7d -o reports/tpe-vs-random
     """
@@ -62,12 +64,11 @@ def report_cmd(
 def print_summary(summary: dict) -> None:
     from rich.table import Table
 
-    from rloopd.report_render import summary_rows
+    from rloopd.report_render import SUMMARY_HEAD, summary_rows
 
     table = Table(title=f"{summary['metric']} ({summary['direction']})"
                   + (f": {summary['question']}" if summary["question"] else ""), title_justify="left")
-    for col in ("condition", "runs", "median final best", "IQR", "best run", "accepted %", "restarts",
-                "valid experiments", "theoretical max"):
+    for col in SUMMARY_HEAD:
         table.add_column(col)
     for row in summary_rows(summary):
         table.add_row(*row)

@@ -10,7 +10,10 @@ replayed log is the same report. The definitions are DESIGN section 3's, the one
 - a run's final best is the best its decisions accepted (`best_after`), step 0 (the baseline) included;
 - a fork is reported with its history: its parent's prefix counts, as `rloopd status` counts it.
 
-Runs are grouped by the `condition` on their `run.created`, else by their agent spec. The best-so-far curve
+Runs are grouped by the `condition` on their `run.created` (a batch's), else by what they were made with:
+agent, program, memory policy and search space (`setup_of`), named by the agent plus whichever of the other
+three differ among those runs ("random · memory none"). Every condition names the four, read from its runs'
+`run.created` (so a batch's conditions and hand-picked runs are described alike). The best-so-far curve
 at step s is taken over the runs that decided step s (a run that ended is not carried forward). The idea
 chart counts, per condition and category, the runs in which an accepted experiment of that category
 improved on the best, and the mean improvement (in the metric's better direction, so positive) over those
@@ -19,7 +22,8 @@ difference of the statistic (median, or mean where the batch's criteria say so),
 bootstrap interval, and a two-sided Mann-Whitney U test (scipy).
 
 Everything is computed and rendered in memory before the output directory is touched, so bad input (an
-unknown run or batch, runs of different metrics, a run with no finished experiment) writes nothing.
+unknown run or batch, runs whose metric name or direction differ, a run with no finished experiment) writes
+nothing.
 """
 
 from __future__ import annotations
@@ -33,12 +37,15 @@ from typing import Any
 
 from rloopd.errors import RloopdError, StreamNotFound
 from rloopd.history import history, lineage
+from rloopd.lab import space_label
 from rloopd.log import EventLog
 from rloopd.memory.state import fold
 
 FILES = ("curves.png", "runs.png", "ideas.png", "summary.json", "report.html")
 BOOTSTRAP = 10_000
 UNCATEGORIZED = "uncategorized"
+SETUP = ("agent", "program", "memory_policy", "search_space")  # what a condition is made of, in this order
+SETUP_WORDS = {"program": "program", "memory_policy": "memory", "search_space": "space"}  # in generated names
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
@@ -53,6 +60,10 @@ class RunRecord:
     name: str
     condition: str
     agent: str
+    program: str  # `setup_of`'s labels
+    memory_policy: str
+    search_space: str
+    search_space_spec: dict[str, Any]  # as run.created recorded it
     batch: str | None
     metric: str
     direction: str
@@ -141,9 +152,61 @@ def select(log: EventLog, runs: Sequence[str] = (), batch: str | None = None,
         named.update({r: f"--batch {batch}" for r in ids})
     else:
         ids = list(dict.fromkeys(resolve(ref, f"RUN {ref!r}") for ref in runs))
+    auto = auto_names({r: setup_of(created[r]) for r in ids if not created[r].get("condition")})
     for run in ids:
-        out.setdefault(created[run].get("condition") or created[run].get("agent", "random"), []).append(run)
+        out.setdefault(created[run].get("condition") or auto[run], []).append(run)
     return out, named
+
+
+def program_label(created: dict[str, Any]) -> str:
+    """The program a run follows: the lab's own, or the file a batch condition named (relative to the lab
+    where it lies inside it)."""
+    path = created.get("program_path")
+    if not path:
+        return "lab's " + str((created.get("config") or {}).get("program") or "program.md")
+    lab = Path(created.get("lab") or "/")
+    try:
+        return Path(path).relative_to(lab).as_posix()
+    except ValueError:
+        return Path(path).name
+
+
+def setup_of(created: dict[str, Any]) -> dict[str, str]:
+    """The degrees of freedom a run was made with, as short labels (`SETUP`). A run recorded before memory
+    policies and presets existed has memory `notes` and its editable globs as its space."""
+    return {"agent": created.get("agent") or "random", "program": program_label(created),
+            "memory_policy": created.get("memory_policy") or "notes",
+            "search_space": space_label(created.get("search_space"))}
+
+
+def auto_names(setups: dict[str, dict[str, str]]) -> dict[str, str]:
+    """{run: condition name}: the agent, then each other part of the setup that differs among these runs.
+
+    Example: runs of `random` with memory notes and none -> "random · memory notes", "random · memory none"."""
+    varying = [k for k in SETUP[1:] if len({s[k] for s in setups.values()}) > 1]
+    return {run: " · ".join([s["agent"], *(f"{SETUP_WORDS[k]} {s[k]}" for k in varying)])
+            for run, s in setups.items()}
+
+
+def check_one_metric(log: EventLog, selected: dict[str, list[str]]) -> None:
+    """Refuse runs whose metric name or direction differ, naming the first such pair."""
+    created = {e.stream: e.data for e in log.runs()}
+    first = None
+    for condition, ids in selected.items():
+        for run in ids:
+            d = created[run]
+            mine = (d.get("metric") or "val_bpb", d.get("direction") or "minimize", run, d.get("name", run),
+                    condition)  # the defaults are run.created's own, for runs recorded before the fields
+            if first is None:
+                first = mine
+            elif mine[:2] != first[:2]:
+                raise ReportInputError(f"cannot compare {_who(first)} with {_who(mine)}: one report compares one "
+                                       "metric in one direction")
+
+
+def _who(x: tuple[str, str, str, str, str]) -> str:
+    metric, direction, run, name, condition = x
+    return f"{metric} ({direction}) of run {run} ({'' if name == run else name + ', '}condition {condition})"
 
 
 # --- one run --------------------------------------------------------------------------------------
@@ -182,9 +245,12 @@ def collect_run(log: EventLog, run: str, condition: str) -> RunRecord:
     budget = created.get("budget") or ""
     window = created.get("window_seconds")
     seconds = None if not budget or budget.startswith("steps:") else float(budget)
+    setup = setup_of(created)
     return RunRecord(
-        run=run, name=created.get("name", run), condition=condition, agent=created.get("agent", ""),
-        batch=created.get("batch"), metric=state.metric, direction=state.direction, budget=budget,
+        run=run, name=created.get("name", run), condition=condition, agent=setup["agent"],
+        program=setup["program"], memory_policy=setup["memory_policy"], search_space=setup["search_space"],
+        search_space_spec=created.get("search_space") or {}, batch=created.get("batch"), metric=state.metric,
+        direction=state.direction, budget=budget,
         window_seconds=window, lineage=named_lineage(log, run), experiments=state.experiments, valid=state.valid,
         accepted=state.accepted, accepted_pct=100.0 * state.accepted / state.experiments if state.experiments else 0.0,
         restarts=state.restarts, theoretical_max=math.floor(window / seconds) if window and seconds else None,
@@ -283,11 +349,17 @@ def idea_shares(records: Sequence[RunRecord]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def shared(values: Sequence[str]) -> str:
+    """One label for a condition: its runs' common value, else their distinct values joined by " | "."""
+    return " | ".join(dict.fromkeys(values))
+
+
 def condition_summary(records: Sequence[RunRecord]) -> dict[str, Any]:
     best = best_record(records)
     final = spread([r.final_best for r in records if r.final_best is not None])
     maxima = {r.theoretical_max for r in records}
     return {
+        **{key: shared([getattr(r, key) for r in records]) for key in SETUP},
         "runs": [r.run for r in records],
         "median_final_best": final["median"], "q1": final["q1"], "q3": final["q3"], "iqr": final["iqr"],
         "final_best": final["values"],
@@ -323,6 +395,7 @@ def build_report(log: EventLog, *, runs: Sequence[str] = (), batch: str | None =
     statistic = statistic or criteria.get("statistic") or "median"
     if statistic not in ("median", "mean"):
         raise ReportInputError(f"statistic {statistic!r}: use median or mean")
+    check_one_metric(log, selected)
     total = sum(len(v) for v in selected.values())
     records, conditions, skipped = [], {}, []
     for condition, ids in selected.items():
@@ -337,10 +410,6 @@ def build_report(log: EventLog, *, runs: Sequence[str] = (), batch: str | None =
                     continue
                 raise ReportInputError(f"{named[run]}: run {run} ({r.name}) has no finished experiments "
                                        "(a step >= 1 that was not interrupted)")
-            if records and (r.metric, r.direction) != (records[0].metric, records[0].direction):
-                raise ReportInputError(
-                    f"{named[run]}: run {run} reports {r.metric} ({r.direction}), but run {records[0].run} "
-                    f"reports {records[0].metric} ({records[0].direction}): one report compares one metric")
             records.append(r)
             conditions.setdefault(condition, []).append(r)
     if not records:

@@ -87,7 +87,8 @@ def runs_png(report: Report) -> bytes:
         for i, (pos, vals) in enumerate(zip(positions, data, strict=True)):
             ax.plot(pos + rng.uniform(-0.12, 0.12, len(vals)), vals, "o", color=_color(i), alpha=0.8, ms=5)
         ax.set_xticks(positions)
-        ax.set_xticklabels(conds, rotation=20 if max(map(len, conds)) > 8 else 0)
+        labels = [c.replace(" · ", "\n") for c in conds]  # a generated name, one part a line
+        ax.set_xticklabels(labels, rotation=20 if max(len(x) for c in labels for x in c.split("\n")) > 8 else 0)
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
         if title == "accepted changes (%)":
@@ -177,12 +178,18 @@ def _spread(d: dict[str, Any]) -> str:
     return f"{_fmt(d['median'], 4)} [{_fmt(d['q1'], 4)}, {_fmt(d['q3'], 4)}]"
 
 
+SUMMARY_HEAD = ["condition", "agent", "program", "memory", "search space", "runs", "median final best", "IQR",
+                "best run", "accepted %", "restarts", "valid experiments", "theoretical max"]
+
+
 def summary_rows(summary: dict[str, Any]) -> list[list[str]]:
-    """The summary table, one row of text per condition (the page's, and `rloopd report`'s own)."""
+    """The summary table (`SUMMARY_HEAD`), one row of text per condition (the page's, and `rloopd report`'s
+    own). A condition's agent, program, memory policy and search space are what its runs were made with."""
     rows = []
     for cond, c in summary["conditions"].items():
         best = c["best_run"]
-        rows.append([cond, str(len(c["runs"])), _fmt(c["median_final_best"]), _fmt(c["iqr"], 4),
+        rows.append([cond, *(c.get(k) or "—" for k in ("agent", "program", "memory_policy", "search_space")),
+                     str(len(c["runs"])), _fmt(c["median_final_best"]), _fmt(c["iqr"], 4),
                      "—" if best is None else f"{best['name']}: {_fmt(best['value'])} (step {best['step']})",
                      _spread(c["accepted_pct"]), _spread(c["restarts"]), _spread(c["valid_experiments"]),
                      _fmt(c["theoretical_max"])])
@@ -217,10 +224,11 @@ def html_page(report: Report, images: dict[str, bytes]) -> str:
         + f"{len(s['runs'])} runs in {len(s['conditions'])} conditions; read from the event log up to seq "
         f"{s['log_seq']}.</p>",
         "<h2>Summary</h2>",
-        "<p>Per condition, over its runs: the final best (median, IQR), the best run, and median [25 %, 75 %] "
-        "of the accepted-change rate, the restarts and the valid experiments per run.</p>",
-        _table(["condition", "runs", "median final best", "IQR", "best run", "accepted %", "restarts",
-                "valid experiments", "theoretical max"], summary_rows(s)),
+        "<p>Per condition: what its runs were made with (agent, program, memory policy, search space: a "
+        "preset's name, else the editable globs and regions), and over its runs the final best (median, IQR), "
+        "the best run, and median [25 %, 75 %] of the accepted-change rate, the restarts and the valid "
+        "experiments per run.</p>",
+        _table(SUMMARY_HEAD, summary_rows(s)),
     ]
     if s["comparisons"]:
         parts += [f"<h2>Against the baseline ({esc(s['baseline'])})</h2>",
@@ -245,9 +253,10 @@ def html_page(report: Report, images: dict[str, bytes]) -> str:
         parts.append(f'<figure><img src="{uri}" alt="{esc(name)}" data-name="{esc(name)}">'
                      f"<figcaption>{esc(name)}: {esc(captions.get(name, ''))}</figcaption></figure>")
     parts += ["<h2>Runs</h2>", _table(
-        ["run", "name", "condition", "agent", "final best (step)", "experiments", "valid", "accepted %",
-         "restarts", "lineage"],
-        [[r["run"], r["name"], r["condition"], r["agent"], f"{_fmt(r['final_best'])} ({_fmt(r['best_step'])})",
+        ["run", "name", "condition", "agent", "memory", "search space", "final best (step)", "experiments",
+         "valid", "accepted %", "restarts", "lineage"],
+        [[r["run"], r["name"], r["condition"], r["agent"], r["memory_policy"], r["search_space"],
+          f"{_fmt(r['final_best'])} ({_fmt(r['best_step'])})",
           str(r["experiments"]), str(r["valid"]), f"{r['accepted_pct']:.1f}", str(r["restarts"]), lineage_text(r)]
          for r in s["runs"]])]
     if s["skipped"]:

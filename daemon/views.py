@@ -95,7 +95,7 @@ def status_rows(h: Home, archived: bool = False) -> list[dict[str, Any]]:
         rows.append({"run_id": st.run, "name": st.name, "status": st.status, "agent": created.data["agent"],
                      "parent": None if not parent else {"run": parent["run"], "step": parent["step"]},
                      "step": st.step, "experiments": st.experiments, "accepted": st.accepted,
-                     "metric": st.metric, "best": st.best, "best_step": st.best_step, "created": created.at,
+                     "metric": st.metric, "direction": st.direction, "best": st.best, "best_step": st.best_step, "created": created.at,
                      "sandbox": created.data.get("sandbox"), "memory": describe_memory(created.data),
                      "memory_policy": created.data.get("memory_policy") or "notes",
                      "space": space_label(created.data.get("search_space")),

@@ -119,6 +119,7 @@ def test_a_lab_of_another_metric_is_refused(tmp_path, home_dir):
     lab = make_lab(tmp_path)
     (lab / "rloop.toml").write_text((lab / "rloop.toml").read_text().replace('name = "val_bpb"', 'name = "loss"'))
     path = batch_file(tmp_path, lab)
+    path.write_text(path.read_text().replace("[criteria]\n", '[criteria]\nmetric = "val_bpb"\n'))
     proc = rloopd("batch", "run", str(path), home=home_dir)
     assert proc.returncode != 0 and "criteria.metric" in proc.stderr and "'loss'" in proc.stderr
 
@@ -148,3 +149,18 @@ memory = "none"
         made = {(e.data["condition"], e.data["memory_policy"], e.data["search_space"].get("preset"))
                 for e in h.log.runs()}
     assert made == {("random", "results-only", None), ("lr-none", "none", "lr")}
+
+
+def test_the_metric_defaults_to_the_labs_own_and_must_agree(tmp_path):
+    from rloopd.batch import load_batch
+    from rloopd.errors import LabConfigError
+
+    mlp = Path(__file__).parent / "labs" / "mlp"
+    path = batch_file(tmp_path, mlp)  # no criteria.metric: the mlp lab's val_accuracy, to be maximized
+    spec, _ = load_batch(path)
+    assert spec.criteria.metric == "val_accuracy"
+    instant = make_lab(tmp_path)
+    path.write_text(path.read_text() + f'\n[[conditions]]\nname = "other"\nagent = "random"\nlab = "{instant}"\n')
+    with pytest.raises(LabConfigError, match=r"conditions.2.lab: .* reports 'val_bpb', but conditions.0's lab "
+                                             r"reports \(set criteria.metric to say which is meant\) 'val_accuracy'"):
+        load_batch(path)

@@ -235,7 +235,8 @@ def test_bad_input_names_the_argument_and_writes_nothing(home, tmp_path):
              ({"batch": "nope"}, "--batch nope: no batch"),
              ({"batch": "bq"}, "--batch bq: none of its runs has a finished experiment yet"),
              ({"runs": ["ok-run", "baseline-only"]}, "RUN 'baseline-only': run baseline-only (baseline-only) has no finished"),
-             ({"runs": ["ok-run", "other-metric"]}, "RUN 'other-metric': run other-metric reports loss"),
+             ({"runs": ["ok-run", "other-metric"]}, "cannot compare val_bpb (minimize) of run ok-run (condition "
+                                                    "random) with loss (minimize) of run other-metric"),
              ({"runs": ["ok-run"], "baseline": "codex"}, "--baseline codex"),
              ({}, "RUN: name runs, or --batch B")]
     for kw, message in cases:
@@ -249,9 +250,133 @@ def test_bad_input_names_the_argument_and_writes_nothing(home, tmp_path):
     proc = rloopd("report", "ok-run", "other-metric", "-o", str(out), home=home.path)
     assert proc.returncode == 2 and not out.exists()
     assert proc.stderr.strip().splitlines() == [
-        "rloopd: error: RUN 'other-metric': run other-metric reports loss (minimize), but run ok-run reports "
-        "val_bpb (minimize): one report compares one metric"]
+        "rloopd: error: cannot compare val_bpb (minimize) of run ok-run (condition random) with loss (minimize) of "
+        "run other-metric (condition random): one report compares one metric in one direction"]
     assert proc.stdout == ""
+
+
+# --- memory policies, search spaces, and labs that cannot be compared ------------------------------
+
+LR_SPACE = '\n[spaces.lr]\neditable = ["workspace/train.py"]\ndescription = "the instant lab\'s train.py"\n'
+MLP = Path(__file__).parent / "labs" / "mlp"
+
+
+def lab_with_spaces(tmp_path: Path) -> Path:
+    lab = tmp_path / "lab"
+    shutil.copytree(INSTANT, lab)
+    with open(lab / "rloop.toml", "a") as f:
+        f.write(LR_SPACE)
+    return lab
+
+
+def test_a_batch_names_each_conditions_memory_policy_and_search_space(home, tmp_path):
+    from rloopd.batch import create_batch
+    from rloopd.loop import Loop
+
+    lab = lab_with_spaces(tmp_path)
+    (tmp_path / "batch.toml").write_text(
+        f'question = "Do notes help?"\nlab = "{lab}"\nrepeats = 2\nexperiments = 2\nsandbox = "none"\n'
+        '[criteria]\nbaseline = "notes"\n[[conditions]]\nname = "notes"\nagent = "random"\n'
+        '[[conditions]]\nname = "blank"\nagent = "random"\nmemory = "none"\n'
+        '[[conditions]]\nname = "lr-only"\nagent = "random"\nspace = "lr"\n')
+    batch, made = create_batch(home, tmp_path / "batch.toml")
+    for run in made:
+        Loop(home, run).run()
+    s = build_report(home.log, batch=batch).summary
+    got = {c: {k: v[k] for k in ("agent", "program", "memory_policy", "search_space")}
+           for c, v in s["conditions"].items()}
+    assert got == {"notes": {"agent": "random", "program": "lab's program.md", "memory_policy": "notes",
+                             "search_space": "workspace/*.py"},
+                   "blank": {"agent": "random", "program": "lab's program.md", "memory_policy": "none",
+                             "search_space": "workspace/*.py"},
+                   "lr-only": {"agent": "random", "program": "lab's program.md", "memory_policy": "notes",
+                               "search_space": "lr"}}
+    rows = {r["condition"]: r for r in s["runs"]}
+    assert rows["lr-only"]["search_space_spec"] == {"preset": "lr", "editable": ["workspace/train.py"],
+                                                    "regions": False, "description": "the instant lab's train.py"}
+    assert rows["notes"]["search_space_spec"]["preset"] is None
+    out = tmp_path / "out"
+    write_report(home.log, out, batch=batch)
+    assert json.loads((out / "summary.json").read_text())["conditions"]["blank"]["memory_policy"] == "none"
+    page = (out / "report.html").read_text()
+    assert "<th>memory</th><th>search space</th>" in page
+    assert "<td>blank</td><td>random</td><td>lab&#x27;s program.md</td><td>none</td><td>workspace/*.py</td>" in page
+    assert "<td>lr-only</td><td>random</td><td>lab&#x27;s program.md</td><td>notes</td><td>lr</td>" in page
+
+
+def test_runs_without_a_batch_are_grouped_by_agent_program_memory_and_space(home, tmp_path):
+    from rloopd import runs
+    from rloopd.loop import Loop
+
+    lab = lab_with_spaces(tmp_path)
+    other = tmp_path / "other.md"
+    other.write_text("# another program\n")
+    made = {}
+    for key, kw in {"plain": {}, "plain-2": {}, "blank": {"memory": "none"}, "lr": {"space": "lr"},
+                    "all": {"agent": "random:all"}, "told": {"program": other}}.items():
+        made[key] = runs.create_run(home, lab, agent=kw.pop("agent", "random"), experiments=1, budget=None, seed=0,
+                                    name=key, sandbox="none", **kw)
+        Loop(home, made[key]).run()
+    report = build_report(home.log, runs=list(made.values()))
+    names = {c: [r.name for r in rs] for c, rs in report.conditions.items()}
+    base = "program lab's program.md · memory notes · space workspace/*.py"
+    assert names == {f"random · {base}": ["plain", "plain-2"],
+                     "random · program lab's program.md · memory none · space workspace/*.py": ["blank"],
+                     "random · program lab's program.md · memory notes · space lr": ["lr"],
+                     f"random:all · {base}": ["all"],
+                     "random · program other.md · memory notes · space workspace/*.py": ["told"]}
+    c = report.summary["conditions"]["random · program lab's program.md · memory none · space workspace/*.py"]
+    assert (c["agent"], c["program"], c["memory_policy"], c["search_space"]) == (
+        "random", "lab's program.md", "none", "workspace/*.py")
+    # only what differs among the runs reported names a condition
+    report = build_report(home.log, runs=[made["plain"], made["blank"]])
+    assert list(report.conditions) == ["random · memory notes", "random · memory none"]
+    assert list(build_report(home.log, runs=[made["plain"], made["all"]]).conditions) == ["random", "random:all"]
+    home.close()
+    proc = rloopd("report", "plain", "blank", "lr", "-o", str(tmp_path / "out"), home=home.path, check=True)
+    for word in ("memory", "search space", "random · memory none · space workspace/*.py", "space lr"):
+        assert word in proc.stdout, word
+
+
+def test_old_and_new_records_of_a_space_and_a_memory_policy_group_together(home):
+    old = {"search_space": {"editable": ["workspace/*.py"]}}  # before presets: no preset, no regions
+    new = {"search_space": {"preset": None, "editable": ["workspace/*.py"], "regions": False},
+           "memory_policy": "notes"}
+    steps = [*experiment(0, "ok", 2.0), decided(0, None, 2.0, True), *experiment(1, "ok", 1.9), decided(1, 2.0, 1.9, True)]
+    write_run(home, "old", steps, **old)
+    write_run(home, "new", steps, **new)
+    write_run(home, "marked", steps, search_space={"preset": None, "editable": ["workspace/train.py"],
+                                                   "regions": ["hparams"]}, memory_policy="from:old@1")
+    report = build_report(home.log, runs=["old", "new", "marked"])
+    assert {c: [r.run for r in rs] for c, rs in report.conditions.items()} == {
+        "random · memory notes · space workspace/*.py": ["old", "new"],
+        "random · memory from:old@1 · space workspace/train.py (regions hparams)": ["marked"]}
+
+
+def test_runs_of_two_labs_with_different_metrics_are_refused(home, tmp_path):
+    from rloopd import runs
+    from rloopd.loop import Loop
+
+    instant = runs.create_run(home, INSTANT, agent="random", experiments=1, budget=None, seed=0, name="bytes",
+                              sandbox="none")
+    mlp = runs.create_run(home, MLP, agent="random", experiments=0, budget="steps:20", seed=0, name="mlp",
+                          sandbox="none")
+    for run in (instant, mlp):
+        Loop(home, run).run()
+    assert next(home.log.read(mlp, types=["experiment.finished"])).data["status"] == "ok"
+    message = (f"cannot compare val_bpb (minimize) of run {instant} (bytes, condition random) with val_accuracy "
+               f"(maximize) of run {mlp} (mlp, condition random): one report compares one metric in one direction")
+    out = tmp_path / "out"
+    with pytest.raises(ReportInputError) as e:
+        write_report(home.log, out, runs=[instant, mlp])
+    assert str(e.value) == message and not out.exists()
+    with pytest.raises(ReportInputError, match=f"^cannot compare val_bpb .* of run {instant} \\(bytes, condition "
+                                               f"a\\) with val_accuracy \\(maximize\\) of run {mlp} \\(mlp, condition b\\)"):
+        build_report(home.log, groups={"a": [instant], "b": [mlp]})
+    home.close()
+    proc = rloopd("report", "bytes", "mlp", "-o", str(out), home=home.path)
+    assert proc.returncode == 2 and not out.exists() and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [f"rloopd: error: {message}"]
 
 
 # --- the page in a browser -------------------------------------------------------------------------
