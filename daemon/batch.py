@@ -193,11 +193,17 @@ def load_batch(path: Path, home: Home | None = None) -> tuple[BatchFile, list[di
 def create_batch(home: Home, path: Path, request: str | None = None) -> tuple[str, list[str]]:
     """Validate the batch file, then record the batch and create every run; (batch id, run ids in the order
     they should start). A retried request returns what the first one made."""
+    from rloopd.inherit import resolve_memory
+    from rloopd.lab import load_lab
     from rloopd.runs import create_run
 
     if request is not None and (prior := home.log.stream_of(request)):
         return prior.removeprefix("batch:"), batch_runs(home, prior.removeprefix("batch:"))
     spec, conditions = load_batch(path, home)
+    # A `from:RUN` is resolved once, so every repeat of a condition starts from the same memory even while
+    # the source run goes on.
+    inherited = {c["name"]: resolve_memory(home, c.get("memory"), load_lab(c["lab"]).with_space(c.get("space")),
+                                           f"{path}: {c['name']}.memory") for c in conditions}
     batch = new_id()[:12]
     stream = f"batch:{batch}"
     home.log.append(stream, [NewEvent("batch.created", {
@@ -209,7 +215,8 @@ def create_batch(home: Home, path: Path, request: str | None = None) -> tuple[st
             run = create_run(home, Path(c["lab"]), agent=c["agent"], experiments=c["experiments"],
                              budget=c["budget"], seed=spec.seed + r, name=None, sandbox=spec.sandbox,
                              window=c["window"], program=Path(c["program"]) if c["program"] else None,
-                             batch=batch, condition=c["name"], memory=c.get("memory"), space=c.get("space"))
+                             batch=batch, condition=c["name"], memory=c.get("memory"), space=c.get("space"),
+                             inherited=inherited[c["name"]])
             home.log.append_one(stream, "batch.run-added", {"run": run, "condition": c["name"]})
             made.append(run)
     return batch, made
@@ -242,6 +249,7 @@ def batch_info(home: Home, batch: str) -> dict[str, Any]:
         s = run_state(home.log, e.data["run"])
         direction = s.direction
         row = rows[e.data["condition"]]
+        row["space"] = row["space"] or (s.created.get("search_space") or {}).get("preset")  # the lab's default
         row["runs"] += 1
         row["finished"] += s.status in ("finished", "stopped", "failed", "archived")
         row["running"] += s.status in ("running", "paused")

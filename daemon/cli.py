@@ -19,8 +19,8 @@ app = typer.Typer(
     name="rloopd", no_args_is_help=True, add_completion=False, rich_markup_mode="rich",
     help="An event-sourced daemon that runs autonomous ML research loops.",
 )
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True, emoji=False)  # ":name:" in a run name or path stays text
+err = Console(stderr=True, highlight=False, emoji=False)
 
 HomeOpt = Annotated[Path | None, typer.Option(
     "--home", envvar="RLOOPD_HOME", show_envvar=True, readable=False,  # Home.open says what access it needs

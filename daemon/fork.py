@@ -60,6 +60,12 @@ def fork_run(home: Home, parent_ref: str, step: int, *, name: str | None = None,
     state = prefix.state
     created = dict(state.created)
     if agent is not None:
+        from rloopd.runs import check_space_for, judge_dir, lab_from_config
+
+        check_agent(agent)
+        lab = lab_from_config(created["config"], judge_dir(home, created))  # its space and files as recorded
+        check_space_for(lab, agent, where=f"--agent {agent}: the search space of run {parent} "
+                                          f"({lab.space or 'the lab default'})")
         if check_agent(agent) in SESSION_KINDS:  # the template recorded at the root run's creation, checked now
             from rloopd.agents.cmd import check_template
 

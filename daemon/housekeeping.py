@@ -101,7 +101,12 @@ def collect(home: Home, keep_last: int = DEFAULT_KEEP_LAST, orphan_age: float = 
             if e.type == "checkpoint.saved":
                 checkpoints.add(e.data["blob"])
             else:
-                named.update(ev.blob_refs(e.data))
+                refs = ev.blob_refs(e.data)
+                warm = e.data.get("warm_start_blob") if e.type == "experiment.started" else None
+                if warm:  # a checkpoint offered to a warm start is still a checkpoint: retention decides
+                    checkpoints.add(warm)
+                    refs = [r for r in refs if r != warm]
+                named.update(refs)
         for created in home.log.runs():
             events = history(home.log, created.stream)
             state = fold(events)

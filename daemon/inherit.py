@@ -6,7 +6,8 @@ of STEP (the position a fork at STEP would continue from), or to its latest even
 checkpoint are recorded on the new run's `run.created` (`memory_from`, with the chain of runs the knowledge
 passed through), so the new run's memory is a fold of its own log: replay, fork and export need nothing of
 the source. The source's results are not carried (the new run has its own); its workspace is not either
-(the new run starts from its lab's base, as any run).
+(the new run starts from its lab's base, as any run); its checkpoint only when both labs have the same name
+(a model of another lab may not load).
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ def resolve_memory(home: Home, policy: str | None, lab: Lab, key: str = "--memor
             raise LabConfigError(f"{key} {policy!r}: the step after @ must be a whole number, got {step_text!r}")
         step = int(step_text)
     try:
-        source = home.log.resolve(ref)
-        if source == "home" or source.startswith("batch:"):
+        if ref == "home" or ref.startswith("batch:"):
             raise StreamNotFound(f"{ref!r} is not a run")
+        source = home.log.resolve(ref)
     except StreamNotFound as e:
         raise LabConfigError(f"{key} {policy}: {e}") from None
     from rloopd.fork import fork_point
@@ -61,13 +62,15 @@ def resolve_memory(home: Home, policy: str | None, lab: Lab, key: str = "--memor
     if artifacts > cap:
         raise LabConfigError(f"{key} {policy}: run {source}'s memory/artifacts/ holds {artifacts / (1 << 20):.1f} MB, "
                              f"over this lab's cap of {lab.agent.artifacts_mb:g} MB ([agent] artifacts_mb)")
-    created = fold.state.created
+    created = next(home.log.read(source, until_n=0)).data  # the source's own (a fork's cut may be its parent's)
     before = (created.get("memory_from") or {}).get("lineage", [])
     recorded = f"from:{source}" + (f"@{step}" if step is not None else "")
+    # A checkpoint is a model of the source's lab: another lab's train.py may not even unpickle it.
+    same_lab = (created.get("config") or {}).get("name") == lab.name
     return recorded, {
         "run": source, "step": step, "stream": stream, "n": n,
         "files": [{"path": path, "blob": blob} for path, blob in files],
-        "checkpoint_blob": mem.checkpoint_blob,
+        "checkpoint_blob": mem.checkpoint_blob if same_lab else None,
         "lineage": [*before, {"run": source, "step": step, "name": created.get("name")}],
     }
 
@@ -79,3 +82,21 @@ def describe(created: dict[str, Any]) -> str:
         return policy
     source = created.get("memory_from") or {}
     return f"from {source.get('run', '?')}" + (f" at step {source['step']}" if source.get("step") is not None else "")
+
+
+def for_agent(created: dict[str, Any]) -> str:
+    """What a session is told about its memory (the prompt's `{memory}`)."""
+    kind = policy_kind(created.get("memory_policy"))
+    if kind == "none":
+        return ("Nothing carries over between sessions in this run: each session starts with empty "
+                "memory/notes.md and memory/artifacts/ and no results table. What you write there is kept for "
+                "the record, not shown to a later session.")
+    if kind == "results-only":
+        return ("memory/results.tsv lists every experiment so far. memory/notes.md and memory/artifacts/ start "
+                "empty in every session: what you write there is kept for the record, not shown again.")
+    text = ("memory/notes.md and memory/artifacts/ (files you want later; they have a size cap) are carried to "
+            "your next session: write what you learn there. memory/results.tsv lists every experiment so far, "
+            "and memory/checkpoint.pt is the best model so far.")
+    if kind == "from":
+        text = f"This run started with the memory of an earlier one ({describe(created)}). " + text
+    return text

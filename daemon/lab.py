@@ -127,6 +127,7 @@ class Space(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     editable: list[str] = Field(min_length=1)  # globs, as the top-level key
     regions: bool | list[str] = False  # narrow files with markers to these regions (daemon/space.py); True: all
+    constants: bool = False  # the regions hold `NAME = literal` lines only: values may change, code may not
     description: str = ""
 
 
@@ -171,6 +172,7 @@ class Lab(BaseModel):
     source: str = "synthetic"
     memory_limit_mb: int | None = Field(default=None, gt=0)
     regions: bool | list[str] = False  # marked regions of the editable files the agent may change (space.py)
+    constants: bool = False  # ... and only the values of their `NAME = literal` lines
     space: str | None = None  # the search space preset in force: a key of [spaces] (None: the top level)
     spaces: dict[str, Space] = {}
     warm_start: bool = False  # the entry point takes --warm-start CHECKPOINT (the run's best, offered to train)
@@ -235,6 +237,8 @@ class Lab(BaseModel):
     def with_space(self, name: str | None, file: str = "--space") -> Lab:
         """This lab with the search space `name` in force (its editable globs and regions); None: the lab's
         own default (`space`, else the top-level keys). Raises LabConfigError for a preset it does not define."""
+        if name is not None and not name.strip():
+            raise LabConfigError(f"{file} {name!r}: name a search space preset of [spaces]")
         name = name or self.space
         if name is None:
             return self
@@ -243,7 +247,8 @@ class Lab(BaseModel):
             raise LabConfigError(f"{file} {name}: {self.root / 'rloop.toml'} defines no search space {name!r} "
                                  f"([spaces] presets: {known})")
         preset = self.spaces[name]
-        lab = self.model_copy(update={"editable": list(preset.editable), "regions": preset.regions, "space": name})
+        lab = self.model_copy(update={"editable": list(preset.editable), "regions": preset.regions,
+                                      "constants": preset.constants, "space": name})
         lab._root = self._root
         return lab
 
@@ -251,6 +256,7 @@ class Lab(BaseModel):
         """What run.created records and status and reports show."""
         preset = self.spaces.get(self.space) if self.space else None
         return {"preset": self.space, "editable": list(self.editable), "regions": self.regions,
+                **({"constants": True} if self.constants else {}),
                 **({"description": preset.description} if preset and preset.description else {})}
 
     def params_in_space(self) -> dict[str, Param]:
@@ -288,6 +294,23 @@ def space_label(search_space: dict[str, Any] | None) -> str:
     elif regions:
         text += f" (regions {','.join(regions)})"
     return text
+
+
+def space_for_agent(search_space: dict[str, Any] | None) -> str:
+    """What a session is told it may change (the prompt's `{space}`)."""
+    d = search_space or {}
+    globs = " ".join(d.get("editable") or ["workspace/**"])
+    text = f"You may change the files matching {globs} (paths relative to the run directory)"
+    regions = d.get("regions")
+    if regions:
+        which = "every marked region" if regions is True else \
+            "the marked regions named " + ", ".join(regions)
+        text += (f"; in a file with region markers, only the lines between `# rloop: begin editable NAME` and "
+                 f"`# rloop: end editable` of {which}")
+        if d.get("constants"):
+            text += ", and there only the values of constant assignments (NAME = literal)"
+    return text + (". Anything else you change is put back before the experiment runs and recorded as an "
+                   "integrity violation.")
 
 
 @dataclass(frozen=True)
@@ -484,9 +507,10 @@ def _check_spaces(lab: Lab, file: Path) -> None:
         known = ", ".join(sorted(lab.spaces)) or "none"
         raise _fail(file, "space", f"no [spaces.{lab.space}] table (presets: {known})")
     frozen = matching_files(lab.root, lab.frozen)
-    spaces = [("", lab.editable, lab.regions)] + [(f"spaces.{k}.", v.editable, v.regions) for k, v in lab.spaces.items()]
+    spaces = [("", lab.editable, lab.regions, lab.constants)] + \
+        [(f"spaces.{k}.", v.editable, v.regions, v.constants) for k, v in lab.spaces.items()]
     parsed: dict[str, list] = {}
-    for prefix, editable, names in spaces:
+    for prefix, editable, names, constants in spaces:
         files = set()
         for pattern in editable:
             found = glob_files(lab.root, pattern)
@@ -508,6 +532,13 @@ def _check_spaces(lab: Lab, file: Path) -> None:
             if missing:
                 raise _fail(file, f"{prefix}regions", f"no editable file marks a region {missing[0]!r} "
                                                       f"(# rloop: begin editable {missing[0]})")
+        if constants:
+            if names is False:
+                raise _fail(file, f"{prefix}constants", "needs regions: it limits the marked regions to constants")
+            for rel in sorted(files):
+                problem = regions.not_constants((lab.root / rel).read_bytes(), names) if parsed[rel] else ""
+                if problem:
+                    raise _fail(file, f"{prefix}constants", f"{rel}: {problem}")
 
 
 def _check_agent_env(lab: Lab, file: Path) -> None:

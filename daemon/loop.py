@@ -193,6 +193,8 @@ class Loop:
                 "step": flight.step, "replica": flight.replica, "attempt": flight.attempt,
                 "status": "interrupted", "metrics": {}}))
         if self.state.open_session is not None:
+            if self.sessions is not None:  # what the agent wrote before the crash, before a projection drops it
+                self.sessions.capture_memory(self.state.open_session)
             self.append(NewEvent("session.ended", {"session": self.state.open_session, "reason": "daemon-restart"}))
         if self.sessions is not None:
             self.sessions.recovered()
@@ -246,7 +248,7 @@ class Loop:
         if replica == 0:
             self.proposal = (step, {"description": description, "category": category, "params": params,
                                     "diff": diff, "extra": dict(extra or {})})
-        warm = self.warm_start_blob()
+        warm = self.warm_start_blob() if step > 0 else None  # the baseline is the lab's code, trained cold
         self.append(NewEvent("experiment.started", {
             "step": step, "replica": replica, "attempt": attempt, "commit": commit, "description": description,
             "category": category, "params": params, "program_blob": self.state.program_blob,

@@ -115,8 +115,9 @@ def reexecute(home: Home, run: str, spec: str, tolerance: float = DEFAULT_TOLERA
         try:
             home.snapshots.export(started["commit"], snapshot)
             warm = started.get("warm_start_blob")  # the checkpoint it was offered, if it was (and is kept)
+            cold = bool(warm) and not home.blobs.exists(warm)
             exp = runs.experiment_for(home, run, created, lab, snapshot, step, budget=budget,
-                                      warm_start=warm if warm and home.blobs.exists(warm) else None)
+                                      warm_start=None if cold or not warm else warm)
             outcome = run_experiment(exp, stop)
         finally:
             shutil.rmtree(snapshot, ignore_errors=True)
@@ -127,9 +128,11 @@ def reexecute(home: Home, run: str, spec: str, tolerance: float = DEFAULT_TOLERA
         same_status = outcome.status == finished["status"]
         reproduced = same_status and (diff is None and before is None and after is None
                                       or diff is not None and abs(diff) <= tolerance)
+        note = None if same_status else outcome.reason
+        if cold:
+            note = "; ".join(filter(None, [note, f"its warm-start checkpoint {warm[:12]} was collected: ran cold"]))
         results.append(Reexecution(step, 0, started.get("attempt", 0), started["commit"], budget,
-                                   finished["status"], outcome.status, before, after, diff, reproduced,
-                                   None if same_status else outcome.reason))
+                                   finished["status"], outcome.status, before, after, diff, reproduced, note))
     return results
 
 

@@ -125,13 +125,15 @@ def check_lab_for(lab: Lab, agent: str | None) -> str:
     return agent
 
 
-def check_space_for(lab: Lab, agent: str, key: str = "--space") -> str:
-    """A built-in policy sets [params] constants: the space in force must leave it at least one."""
+def check_space_for(lab: Lab, agent: str, key: str = "--space", where: str | None = None) -> str:
+    """A built-in policy sets [params] constants: the space in force must leave it at least one. The message
+    starts with `where`, else with `key` and the space's name."""
     from rloopd.agents import SESSION_KINDS, check_agent
 
     if check_agent(agent) not in SESSION_KINDS and lab.params and not lab.params_in_space():
-        raise LabConfigError(f"{key} {lab.space or '(the lab default)'}: leaves {agent} no [params] constant to "
-                             f"set (none lies in its editable files and regions)")
+        where = where or f"{key} {lab.space or '(the lab default)'}"
+        raise LabConfigError(f"{where}: leaves {agent} no [params] constant to set (none lies in its editable "
+                             f"files and regions)")
     return agent
 
 
@@ -139,18 +141,19 @@ def create_run(home: Home, lab_dir: Path, *, agent: str | None, experiments: int
                seed: int, name: str | None, sandbox: str = "auto", window: str | None = None,
                request: str | None = None, program: Path | None = None, batch: str | None = None,
                condition: str | None = None, memory: str | None = None, space: str | None = None,
-               keys: dict[str, str] | None = None) -> str:
+               keys: dict[str, str] | None = None, inherited: tuple[str, dict | None] | None = None) -> str:
     """Validate everything first, then append `run.created`; nothing is written on a bad argument.
 
     `program`: a program file the run follows instead of the lab's (a batch condition's); `batch` and
     `condition` are recorded on run.created. `memory`: the memory policy (daemon/inherit.py); `space`: a
-    search space preset of the lab's `[spaces]`. `keys` names the options in messages (a batch's fields)."""
+    search space preset of the lab's `[spaces]`. `keys` names the options in messages (a batch's fields).
+    `inherited`: `memory` already resolved (a batch resolves a `from:` once for all its repeats)."""
     from rloopd.inherit import resolve_memory
 
     keys = keys or {}
     lab = load_lab(lab_dir).with_space(space, keys.get("space", "--space"))
     agent = check_space_for(lab, check_lab_for(lab, agent), keys.get("space", "--space"))
-    memory_policy, memory_from = resolve_memory(home, memory, lab, keys.get("memory", "--memory"))
+    memory_policy, memory_from = inherited or resolve_memory(home, memory, lab, keys.get("memory", "--memory"))
     if budget is not None:
         lab = with_budget(lab, budget)
     if experiments is not None and experiments < 0:
@@ -191,6 +194,12 @@ def create_run(home: Home, lab_dir: Path, *, agent: str | None, experiments: int
             "setpriv only: training and agent sessions run as the run's own uid but see the whole filesystem, "
             "so whatever other users may read they can read (the home is closed to them but for the run's "
             "own directories); install bubblewrap")})
+    from rloopd.agents import SESSION_KINDS, check_agent
+
+    if memory_policy != "notes" and check_agent(agent) not in SESSION_KINDS:
+        home.log.append_one(run, "run.warned", {"about": "memory", "message": (
+            f"memory {memory_policy}: {agent} reads no notes; the policy only changes which checkpoint a warm "
+            "start is offered")})
     run_dir = home.run_dir(run)
     home.secure_run(run, {"sandbox": kind, "uid": uid})
     home.snapshots.restore(base, run_dir / "workspace")

@@ -37,7 +37,8 @@ from rloopd.agents.cli import parse_cli
 from rloopd.agents.cmd import DEFAULT_PROMPT, parse_cmd, render_prompt
 from rloopd.agents.streams import Act, StreamParser
 from rloopd.categories import classify
-from rloopd.lab import matches
+from rloopd.inherit import for_agent as memory_for_agent
+from rloopd.lab import matches, space_for_agent
 from rloopd.log import NewEvent, new_id
 from rloopd.memory.rundir import CHECKPOINT, carries, frozen_dest, materialize_frozen, write_atomic
 from rloopd.redact import Redactor
@@ -47,8 +48,9 @@ from rloopd.runsocket import RunSocket, SubmitRefused
 from rloopd.sandbox import SessionLimits, give_to, kill_uid, session_sandbox
 from rloopd.session import SessionResult, SessionSpec, run_session
 from rloopd.snapshots import Snapshots, put_file, read_tree
+from rloopd.space import RegionError, has_markers, not_constants
 from rloopd.space import check as check_regions
-from rloopd.space import has_markers
+from rloopd.space import parse as parse_regions
 
 if TYPE_CHECKING:
     from rloopd.loop import Loop
@@ -368,7 +370,9 @@ class SessionDriver:
         mode, raw = read_tree(memory, only="notes.md").get("notes.md", ("", b""))  # never through a link
         notes = raw.decode(errors="replace") if mode != "120000" else ""
         return render_prompt(template, program=program, results=results, notes=notes, session=n,
-                             window_left=loop.window_left(), budget=loop.created["budget"])
+                             window_left=loop.window_left(), budget=loop.created["budget"],
+                             memory=memory_for_agent(loop.created),
+                             space=space_for_agent(loop.created.get("search_space")))
 
     # --- submit and result (called on the run socket's threads) ------------------------------------
 
@@ -482,7 +486,10 @@ class SessionDriver:
         files, recorded = read_tree(workspace), snaps.ls(best)
         narrowed = self.outside_regions(best, files)  # region-bound files take the best commit's fixed parts
         for rel, (_, data) in narrowed.items():
-            files[rel] = (recorded[rel][0], data)
+            if data is None:
+                files.pop(rel, None)
+            else:
+                files[rel] = (recorded[rel][0] if rel in recorded else "100644", data)
         found = snaps.entries_of(files)
         editable = {p: e for p, e in found.items() if matches(loop.lab.editable, f"workspace/{p}")}
         fixed = {p: e for p, e in recorded.items() if not matches(loop.lab.editable, f"workspace/{p}")}
@@ -622,27 +629,46 @@ class SessionDriver:
                 "step": step, "paths": [f"workspace/{r}" for r in narrowed], "reverted": True,
                 "found": "; ".join(f"workspace/{r}: {found}" for r, (found, _) in narrowed.items())}))
 
-    def outside_regions(self, best: str, current: dict[str, tuple[str, bytes]]) -> dict[str, tuple[str, bytes]]:
-        """Editable files narrowed to marked regions (the search space's `regions`) whose text outside the
-        regions in force differs from the best commit's: {path: (what was found, the bytes to keep)}."""
+    def outside_regions(self, best: str, current: dict[str, tuple[str, bytes]]) -> dict[str, tuple[str, bytes | None]]:
+        """Editable files that break the search space's regions: {path: (what was found, the bytes to keep, or
+        None to remove the file)}. Under a space with `regions`:
+        - a file the best commit marks may change only inside the regions in force (and under `constants`,
+          only `NAME = literal` lines there), keeping its mode; the rest is the best commit's;
+        - any file (a new one too) whose region markers do not parse goes back to the best commit's version
+          (or away), so an accepted commit never holds markers a later check could not read."""
         lab = self.loop.lab
         if lab.regions is False:
             return {}
         snaps = self.home.snapshots
-        out = {}
-        for rel, (mode, _) in snaps.ls(best).items():
-            if mode == "120000" or not matches(lab.editable, f"workspace/{rel}"):
+        recorded = snaps.ls(best)
+        out: dict[str, tuple[str, bytes | None]] = {}
+        for rel in sorted(set(recorded) | set(current)):
+            want, have = recorded.get(rel), current.get(rel)
+            links = want is not None and want[0] == "120000" or have is not None and have[0] == "120000"
+            if links or not matches(lab.editable, f"workspace/{rel}"):
                 continue
-            old = snaps.read(best, rel)
-            if not has_markers(old):  # a file without markers is editable whole
+            old = snaps.read(best, rel) if want else None
+            new = have[1] if have else None
+            if new == old and (have is None or have[0] == want[0]):
                 continue
-            have = current.get(rel)
-            new = have[1] if have is not None and have[0] != "120000" else None
-            if new == old:
+            try:
+                marked = old is not None and bool(parse_regions(old))
+            except RegionError:
+                marked = False  # recorded before markers were checked: the file is editable whole
+            if not marked:
+                if new is not None and has_markers(new):
+                    try:
+                        parse_regions(new)
+                    except RegionError as e:
+                        out[rel] = (f"its region markers do not parse ({e})", old)
                 continue
             checked = check_regions(old, new, lab.regions)
             if not checked.ok:
                 out[rel] = (checked.found, checked.data)
+            elif lab.constants and (problem := not_constants(new, lab.regions)):
+                out[rel] = (problem, old)
+            elif have[0] != want[0]:
+                out[rel] = ("its mode changed", new)
         return out
 
     def restore_run_dir(self, n: int) -> None:

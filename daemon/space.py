@@ -247,3 +247,26 @@ def constants_in_force(source: bytes, names: Names, constants: Iterable[str]) ->
             whole = all(n in lines for n in range(node.lineno, (node.end_lineno or node.lineno) + 1))
             (inside if whole else outside).add(name)
     return inside - outside
+
+
+def not_constants(source: bytes, names: Names) -> str:
+    """"" when every statement inside the regions in force is a module-level `NAME = literal` (comments and
+    blank lines aside), else one line naming the first that is not: a space declared with `constants = true`
+    (the reference lab's `hparams`) holds the code fixed and lets the agent change values only.
+
+    Example: not_constants(b"# rloop: begin editable\\nimport os\\n# rloop: end editable\\n", True)
+             == "line 2: only constant assignments (NAME = literal) may change here"
+    """
+    try:
+        lines = editable_lines(source, names)
+        tree = ast.parse(re.sub(rb"\r(?!\n)", b" ", source))
+    except RegionError as e:
+        return f"the region markers do not parse: {e}"
+    except (SyntaxError, ValueError) as e:
+        return f"the file does not parse: {getattr(e, 'msg', e)}"
+    constant = {id(node) for _, node in _assignments(tree)}
+    for node in tree.body:
+        span = range(node.lineno, (node.end_lineno or node.lineno) + 1)
+        if any(n in lines for n in span) and id(node) not in constant:
+            return f"line {node.lineno}: only constant assignments (NAME = literal) may change here"
+    return ""

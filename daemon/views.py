@@ -106,13 +106,18 @@ def status_rows(h: Home, archived: bool = False) -> list[dict[str, Any]]:
 
 def status_table(rows: list[dict[str, Any]]) -> Table:
     table = Table()
-    for col in ("run", "name", "status", "agent", "memory", "space", "from", "step", "exps", "kept", "best", "slot",
-                "elapsed"):
+    # memory and space are shown where they are not the defaults, so a terminal of 80 columns stays readable
+    memory = any(r["memory_policy"] != "notes" for r in rows)
+    space = len({r["space"] for r in rows}) > 1 or any((r["search_space"] or {}).get("regions") for r in rows)
+    cols = ["run", "name", "status", "agent", *(["memory"] if memory else []), *(["space"] if space else []),
+            "from", "step", "exps", "kept", "best", "slot", "elapsed"]
+    for col in cols:
         table.add_column(col, no_wrap=col in ("run", "best"))
     for r in rows:
         live = r.get("live") or {}
         origin = f"{r['parent']['run']}@{r['parent']['step']}" if r.get("parent") else "-"
-        table.add_row(r["run_id"], r["name"], r["status"], r["agent"], r["memory"], r["space"], origin, str(r["step"]), str(r["experiments"]),
+        table.add_row(r["run_id"], r["name"], r["status"], r["agent"], *([r["memory"]] if memory else []),
+                      *([r["space"]] if space else []), origin, str(r["step"]), str(r["experiments"]),
                       str(r["accepted"]), f"{r['metric']} {_fmt(r['best'])}", ",".join(live.get("slot") or []) or "-",
                       f"{live['elapsed']:.0f} s" if live.get("elapsed") is not None else "-")
     return table

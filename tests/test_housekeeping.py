@@ -121,3 +121,22 @@ def test_gc_bad_options(home, improving, args, words):
     proc = rloopd("gc", *args, home=home.path)
     assert proc.returncode == 2 and words in proc.stderr
     assert not list(home.log.read("home", types=["blobs.collected"]))
+
+
+def test_a_checkpoint_offered_to_a_warm_start_is_still_collected_by_retention(home, tmp_path):
+    """experiment.started names the checkpoint it offered (warm_start_blob); that must not pin it forever."""
+    for seed in range(20):
+        lab = make_lab(tmp_path, f"warm{seed}")
+        toml = lab / "rloop.toml"
+        toml.write_text(toml.read_text().replace('source = "synthetic"', 'source = "synthetic"\nwarm_start = true'))
+        run = runs.create_run(home, lab, agent="random", experiments=10, budget=None, seed=seed, name=f"w{seed}")
+        Loop(home, run).run()
+        saved = checkpoints(home, run)
+        if len(saved) >= 3:
+            break
+    offered = {e.data["warm_start_blob"] for e in home.log.read(run, types=["experiment.started"])} - {None}
+    assert offered and offered <= set(saved)
+    rloopd("archive", run, home=home.path, check=True)
+    result = json.loads(rloopd("gc", "--json", home=home.path, check=True).stdout)
+    assert result["checkpoints"] == len(saved) - 1  # the best stays, the others go, offered or not
+    assert rloopd("audit", home=home.path).returncode == 0 and replay(home, run).ok

@@ -25,6 +25,7 @@ n=$RLOOPD_SESSION
 [ -e memory/results.tsv ] && echo "results: yes" || echo "results: no"
 [ -s memory/notes.md ] && echo "notes: $(cat memory/notes.md | tr '\\n' ' ')" || echo "notes: empty"
 echo "artifacts: $(ls memory/artifacts | tr '\\n' ' ')"
+echo "told: $(grep -c 'Nothing carries over' "$1")"
 [ -e memory/checkpoint.pt ] && echo "checkpoint: yes" || echo "checkpoint: no"
 echo "note from session $n" >> memory/notes.md
 echo "artifact $n" > memory/artifacts/a$n.txt
@@ -41,7 +42,7 @@ def seen(home, run) -> list[dict[str, str]]:
         assert ended["exit_code"] == 0, home.blobs.get_text(ended["output_blob"])
         lines = home.blobs.get_text(ended["output_blob"]).splitlines()
         out.append(dict(line.split(": ", 1) for line in lines
-                        if line.split(": ", 1)[0] in ("results", "notes", "artifacts", "checkpoint")))
+                        if line.split(": ", 1)[0] in ("results", "notes", "artifacts", "checkpoint", "told")))
     return out
 
 
@@ -58,7 +59,7 @@ def test_none_starts_every_session_empty_while_the_log_keeps_what_was_written(ho
     shown = seen(home, run)
     assert len(shown) == 3
     for s in shown:  # no results, no notes, no artifacts, no checkpoint at any session start
-        assert s == {"results": "no", "notes": "empty", "artifacts": "", "checkpoint": "no"}
+        assert s == {"results": "no", "notes": "empty", "artifacts": "", "checkpoint": "no", "told": "1"}
     written = [(w["path"], home.blobs.get_text(w["blob"])) for w in events(home, run, "memory.written")]
     assert ("notes.md", "note from session 1\n") in written and ("notes.md", "note from session 3\n") in written
     assert ("artifacts/a2.txt", "artifact 2\n") in written
@@ -89,6 +90,7 @@ def test_notes_carry_across_sessions(home, tmp_path):
     Loop(home, run).run()
     shown = seen(home, run)
     assert shown[0]["notes"] == "empty" and shown[1]["notes"] == "note from session 1 "
+    assert shown[0]["told"] == "0"  # the prompt says what carries over, and here it all does
     assert shown[1]["artifacts"] == "a1.txt " and shown[1]["checkpoint"] == "yes"
 
 
@@ -187,3 +189,48 @@ def test_warm_start_is_offered_and_recorded(home, tmp_path):
     run2 = runs.create_run(home, lab, agent="random", experiments=1, budget=None, seed=3, name=None, memory="none")
     Loop(home, run2).run()
     assert all(e.get("warm_start_blob") is None for e in events(home, run2, "experiment.started"))
+
+
+def test_a_from_run_trains_its_baseline_cold_and_offers_the_inherited_checkpoint_after(home, tmp_path):
+    from .daemon_helpers import make_lab
+
+    lab = make_lab(tmp_path)
+    toml = lab / "rloop.toml"
+    toml.write_text(toml.read_text().replace('source = "synthetic"', 'source = "synthetic"\nwarm_start = true'))
+    source = runs.create_run(home, lab, agent="random", experiments=2, budget=None, seed=3, name="src")
+    Loop(home, source).run()
+    inherited = fold_history(home.log, source).mem.checkpoint_blob
+    fork = fork_run(home, source, 1, name="src-fork", experiments=1)  # a source that is itself a fork
+    run = runs.create_run(home, lab, agent="random", experiments=1, budget=None, seed=4, name=None,
+                          memory=f"from:{fork}@0")
+    created = run_state(home.log, run).created
+    assert created["memory_from"]["lineage"] == [{"run": fork, "step": 0, "name": "src-fork"}]
+    assert any(w["about"] == "memory" for w in events(home, run, "run.warned"))  # random reads no notes
+    Loop(home, run).run()
+    started = {e["step"]: e for e in events(home, run, "experiment.started")}
+    step0_ckpt = next(e["blob"] for e in events(home, source, "checkpoint.saved") if e["step"] == 0)
+    assert started[0].get("warm_start_blob") is None  # the baseline is the lab's code, trained cold
+    assert started[1]["warm_start_blob"] == step0_ckpt == created["memory_from"]["checkpoint_blob"]
+    assert inherited is not None
+
+
+def test_what_a_crashed_session_wrote_is_captured_when_the_run_recovers(home, tmp_path):
+    """A session left open by a crash: its notes and artifacts reach the log before session.ended
+    (daemon-restart), under every policy."""
+    from rloopd.log import NewEvent
+
+    lab = lab_with_agent(tmp_path, "exit 0\n")
+    run = make(home, lab, "none", n=0)
+    home.log.append(run, [NewEvent("session.started", {"session": 1, "agent": "cmd:x"})], expected_n=1)
+    memory = home.run_dir(run) / "memory"
+    (memory / "artifacts").mkdir(parents=True, exist_ok=True)
+    (memory / "notes.md").write_text("written before the crash\n")
+    (memory / "artifacts" / "t.txt").write_text("a table\n")
+    Loop(home, run).recover()
+    after = [(e.type, e.data.get("path")) for e in home.log.read(run, from_n=2)]
+    assert after[:2] == [("memory.written", "artifacts/t.txt"), ("agent.acted", None)] or \
+        ("memory.written", "notes.md") in after
+    kinds = [t for t, _ in after]
+    assert kinds.index("session.ended") > max(i for i, t in enumerate(kinds) if t == "memory.written")
+    written = {e.data["path"]: home.blobs.get_text(e.data["blob"]) for e in home.log.read(run, types=["memory.written"])}
+    assert written == {"notes.md": "written before the crash\n", "artifacts/t.txt": "a table\n"}

@@ -135,4 +135,55 @@ def test_the_space_is_shown_by_status_and_init_picks_one(home, tmp_path):
     [row] = json.loads(rloopd("status", "--json", home=home.path, check=True).stdout)
     assert row["space"] == "all" and row["memory"] == "results-only"
     table = rloopd("status", home=home.path, check=True).stdout
-    assert "results-only" in table and "all" in table
+    assert "results-only" in table  # a column shown where some run is not at the default
+    rloopd("run", "--lab", str(lab), "-n", "0", home=home.path, check=True)  # the lab's default space: knobs
+    table = rloopd("status", home=home.path, check=True).stdout
+    assert "knobs" in table and "space" in table
+
+
+def test_markers_that_do_not_parse_never_reach_a_commit_and_constants_only_holds_the_code(home, tmp_path):
+    lab = narrowed(lab_with_agent(tmp_path, """
+case "$RLOOPD_SESSION" in
+1)  printf '# rloop: begin editable knobs\\nX = 1\\n' > workspace/extra.py   # never closed
+    sed -i 's/^DEPTH = .*/DEPTH = 5  # blocks/' workspace/train.py
+    rloopd submit -m "deeper, and a broken helper" || exit 9
+    if [ -e workspace/extra.py ]; then exit 4; fi ;;
+2)  sed -i 's/^DEPTH = .*/DEPTH = 6  # blocks\\nimport os/' workspace/train.py
+    rloopd submit -m "code in a constants-only region" || exit 9 ;;
+3)  chmod +x workspace/train.py
+    sed -i 's/^DEPTH = .*/DEPTH = 7  # blocks/' workspace/train.py
+    rloopd submit -m "an executable train.py" || exit 9 ;;
+esac
+"""))
+    toml = lab / "rloop.toml"
+    toml.write_text(toml.read_text().replace('editable = ["workspace/train.py"]\nregions = ["knobs"]',
+                                             'editable = ["workspace/*.py"]\nregions = ["knobs"]\nconstants = true'))
+    run = runs.create_run(home, lab, agent=f"cmd:{lab / 'agent.sh'} {{prompt_file}}", experiments=3, budget=None,
+                          seed=0, name=None)
+    assert run_state(home.log, run).created["search_space"]["constants"] is True
+    Loop(home, run).run()
+    assert [e["exit_code"] for e in events(home, run, "session.ended")] == [0, 0, 0]
+    found = {v["step"]: v["found"] for v in events(home, run, "integrity.violated") if v["step"]}
+    assert "do not parse" in found[1] and "only constant assignments" in found[2] and "mode" in found[3]
+    commits = {e["step"]: e["commit"] for e in events(home, run, "experiment.started")}
+    assert "extra.py" not in home.snapshots.ls(commits[1])
+    assert read_constants(home.snapshots.read(commits[1], "train.py").decode())["DEPTH"] == 5
+    assert b"import os" not in home.snapshots.read(commits[2], "train.py")
+    assert home.snapshots.ls(commits[3])["train.py"][0] == "100644"
+    assert read_constants(home.snapshots.read(commits[3], "train.py").decode())["DEPTH"] == 7
+
+
+def test_a_fork_to_a_builtin_agent_must_leave_it_something_to_set(home, tmp_path):
+    from rloopd.fork import fork_run
+
+    lab = narrowed(lab_with_agent(tmp_path, "sed -i 's/^DEPTH = .*/DEPTH = 3  # blocks/' workspace/train.py\n"))
+    toml = lab / "rloop.toml"  # WIDTH, outside the knobs region, is the only constant random could set
+    kept = [line for line in toml.read_text().splitlines() if not line.startswith(("LEARNING_RATE =", "DEPTH ="))]
+    toml.write_text("\n".join(kept) + "\n")
+    run = runs.create_run(home, lab, agent=f"cmd:{lab / 'agent.sh'} {{prompt_file}}", experiments=1, budget=None,
+                          seed=0, name=None)
+    Loop(home, run).run()
+    before = len(home.log.runs())
+    with pytest.raises(LabConfigError, match=r"--agent random: the search space of run \w+ \(knobs\): leaves random no"):
+        fork_run(home, run, 1, agent="random")
+    assert len(home.log.runs()) == before

@@ -7,8 +7,9 @@ word. An unknown placeholder is an error that names it, before the run is create
 
 The prompt is rendered from the lab's template (`[agent] prompt`, default `prompt.md`, recorded in the
 manifest like any lab file; a built-in template when the lab has none) with `{program}` (the run's current
-program.md), `{results}` (results.tsv so far), `{notes}` (memory/notes.md), `{session}`, `{window_left}`
-and `{budget}`. Braces meant literally are doubled (`{{`), as in Python's str.format.
+program.md), `{results}` (results.tsv so far), `{notes}` (memory/notes.md), `{session}`, `{window_left}`,
+`{budget}`, `{memory}` (what the run's memory policy shows and carries) and `{space}` (what the search space
+lets the agent change). Braces meant literally are doubled (`{{`), as in Python's str.format.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from rloopd.errors import LabConfigError
 
 COMMAND_FIELDS = ("prompt_file", "run_dir", "session")
-PROMPT_FIELDS = ("program", "results", "notes", "session", "window_left", "budget")
+PROMPT_FIELDS = ("program", "results", "notes", "session", "window_left", "budget", "memory", "space")
 
 DEFAULT_PROMPT = """\
 You are session {session} of an autonomous research run. Your working directory is the run directory.
@@ -38,13 +39,20 @@ You are session {session} of an autonomous research run. Your working directory 
 
 {notes}
 
+# What you may change
+
+{space}
+
+# Memory
+
+{memory}
+
 # How to work
 
-Edit files under workspace/ only. To run an experiment on the current workspace, run
-`rloopd submit -m "what you changed and why"`; it waits for the result and prints it, and after a
-rejected change the workspace is back at the best version. Each experiment trains for {budget}.
-Time left in this run's window: {window_left}. Write what you learn to memory/notes.md: the next
-session starts from it. End the session when you have nothing more to try.
+To run an experiment on the current workspace, run `rloopd submit -m "what you changed and why"`; it
+waits for the result and prints it, and after a rejected change the workspace is back at the best
+version. Each experiment trains for {budget}. Time left in this run's window: {window_left}. End the
+session when you have nothing more to try.
 """
 
 
@@ -110,8 +118,9 @@ def check_template(template: str, where: str) -> None:
 
 
 def render_prompt(template: str, *, program: str, results: str, notes: str, session: int,
-                  window_left: float | None, budget: str) -> str:
+                  window_left: float | None, budget: str, memory: str = "", space: str = "") -> str:
     left = "unlimited" if window_left is None else f"{max(window_left, 0) / 60:.1f} minutes"
     budget_text = f"{budget.split(':', 1)[1]} steps" if budget.startswith("steps:") else f"{budget} seconds"
-    return template.format_map({"program": program, "results": results, "notes": notes.strip() or "(none yet)",
-                                "session": session, "window_left": left, "budget": budget_text})
+    return template.format_map({"program": program, "results": results or "(not shown in this run)",
+                                "notes": notes.strip() or "(none yet)", "session": session, "window_left": left,
+                                "budget": budget_text, "memory": memory, "space": space})
