@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint install clean
+.PHONY: demo test bench chaos lint install clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	@for f in ops/bench/*.py; do echo "# $$f" >&2; $(BIN)/python $$f || exit 1; done
+
+# Fault campaigns (ops/chaos): each runs on a temporary home of its own and prints one JSON line of figures.
+chaos: $(STAMP)
+	@for f in ops/chaos/kill.py ops/chaos/wal.py ops/chaos/load.py; do echo "# $$f" >&2; $(BIN)/python $$f || exit 1; done
 
 lint: $(STAMP)
 	$(BIN)/ruff check daemon memory tests ops

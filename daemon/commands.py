@@ -144,6 +144,8 @@ def program(daemon: Daemon, home: Home, args: dict, request: str) -> dict[str, A
         home.log.append(run_id, [NewEvent("program.changed", {"program_blob": blob, "source": "cli",
                                                               "path": str(path)}, id=request)])
         write_atomic(home.run_dir(run_id) / "program.md", text, 0o444)
+    if _live(daemon, run_id) is None:  # no loop will project it: the run directory and its position follow now
+        runs.project_run(home, run_id)
     return {"run_id": run_id, "program": str(path)}
 
 

@@ -205,14 +205,20 @@ def create_run(home: Home, lab_dir: Path, *, agent: str | None, experiments: int
     home.snapshots.restore(base, run_dir / "workspace")
     materialize_frozen(run_dir, manifest, home.blobs)
     if memory_from:  # the inherited memory is there to read before the run starts
-        from rloopd.memory.experiments import ExperimentsTable
-        from rloopd.memory.folded import fold_history
-        from rloopd.memory.rundir import project_memory
-
-        fold = fold_history(home.log, run)
-        project_memory(run_dir, fold.mem, home.blobs, fold.results_tsv(lab.metric.name))
-        ExperimentsTable(home.log).set_position(f"rundir:{run}", fold.state.position)  # what replay compares
+        project_run(home, run)
     return run
+
+
+def project_run(home: Home, run: str) -> None:
+    """Bring a run directory that no loop drives (a new, paused or stopped run) up to the log: program.md and
+    memory/, and the position replay compares it at. A live run's loop does this itself."""
+    from rloopd.memory.experiments import ExperimentsTable
+    from rloopd.memory.folded import fold_history
+    from rloopd.memory.rundir import project_memory
+
+    fold = fold_history(home.log, run)
+    project_memory(home.run_dir(run), fold.mem, home.blobs, fold.results_tsv(fold.state.metric))
+    ExperimentsTable(home.log).set_position(f"rundir:{run}", fold.state.position)
 
 
 def manifest_digest(created: dict[str, Any]) -> str:

@@ -221,6 +221,21 @@ def test_a_run_given_its_own_program_ignores_the_old_file(served, tmp_path):
     cli(home, "stop", run)
 
 
+def test_a_program_given_to_a_paused_run_replays(served, tmp_path):
+    """Found by the kill campaign: the program command wrote program.md of a run no loop drives without
+    moving the run directory's position, so replay compared it with an older program and failed."""
+    home = served.home
+    run = detach(home, make_lab(tmp_path, SLEEP=0.1), "-n", "300")
+    wait_for(lambda: state(home, run).experiments >= 1, what="an experiment")
+    cli(home, "pause", run)
+    other = tmp_path / "paused.md"
+    other.write_text("# while paused\n")
+    cli(home, "program", run, str(other))
+    assert (home / "runs" / run / "program.md").read_text() == "# while paused\n"
+    assert cli(home, "replay", run, check=False).returncode == 0
+    cli(home, "stop", run)
+
+
 def test_malformed_arguments_get_an_answer(served):
     from rloopd import control
 

@@ -3,7 +3,6 @@ SIGTERM stops it cleanly within 10 s; systemd's notify protocol is spoken."""
 
 from __future__ import annotations
 
-import collections
 import random
 import socket
 import time
@@ -11,38 +10,18 @@ import time
 import pytest
 
 from rloopd.home import Home
-from rloopd.memory.state import fold
+from rloopd.invariants import check_run
 
 from .daemon_helpers import Served, cli, detach, events, make_lab, state, wait_for
 
 
 def check_consistent(home, runs: list[str]) -> None:
     """With the daemon stopped: audit passes, one real finish per (step, replica), interrupted attempts
-    were started again, and each workspace sits at its run's best commit."""
+    were started again, and each workspace sits at its run's best commit (rloopd.invariants)."""
     assert cli(home, "audit", check=False).returncode == 0
     with Home.open(home, create=False) as h:
-        for run in runs:
-            evs = list(h.log.read(run))
-            finishes = collections.Counter()
-            interrupted = []
-            for e in evs:
-                if e.type == "experiment.finished":
-                    key = (e.data["step"], e.data["replica"])
-                    if e.data["status"] == "interrupted":
-                        interrupted.append((key, e.data["attempt"], e.n))
-                    else:
-                        finishes[key] += 1
-            assert all(c == 1 for c in finishes.values()), finishes
-            started = {(e.data["step"], e.data["replica"], e.data["attempt"]): e for e in evs
-                       if e.type == "experiment.started"}
-            for key, attempt, n in interrupted:
-                again = started.get((*key, attempt + 1))
-                if fold(evs).status == "finished" or again is not None:
-                    assert again is not None and again.n > n, (key, attempt)
-                    assert again.data["commit"] == started[(*key, attempt)].data["commit"], "the same change again"
-            st = fold(evs)
-            if st.in_flight is None:
-                assert h.snapshots.tree_equal(st.best_commit, h.run_dir(run) / "workspace"), run
+        problems = [p for run in runs for p in check_run(h, run)]
+    assert not problems, problems
 
 
 @pytest.mark.timeout(240)
