@@ -29,7 +29,7 @@ bench: $(STAMP)
 
 # Fault campaigns (ops/chaos): each runs on a temporary home of its own and prints one JSON line of figures.
 chaos: $(STAMP)
-	@for f in ops/chaos/kill.py ops/chaos/wal.py ops/chaos/load.py; do echo "# $$f" >&2; $(BIN)/python $$f || exit 1; done
+	@for f in ops/chaos/kill.py ops/chaos/wal.py ops/chaos/storage.py ops/chaos/load.py; do echo "# $$f" >&2; $(BIN)/python $$f || exit 1; done
 
 lint: $(STAMP)
 	$(BIN)/ruff check daemon memory tests ops

@@ -195,6 +195,10 @@ def status_cmd(
     else:
         out.print(views.status_table(rows))
         for r in rows:
+            stalled = (r.get("live") or {}).get("stalled")
+            if stalled:
+                out.print(f"[red]waiting:[/] run {r['run_id']} ({r['name']}) is waiting for space and takes no work "
+                          f"until there is: {stalled['why']}", markup=True, highlight=False, soft_wrap=True)
             for warning in dict.fromkeys(r["warnings"]):
                 out.print(f"[yellow]warning:[/] run {r['run_id']} ({r['name']}): {warning}", markup=True,
                           highlight=False, soft_wrap=True)

@@ -158,6 +158,11 @@ def status(daemon: Daemon, home: Home, args: dict, request: str) -> dict[str, An
         live[w.run] = {"slot": daemon.pool.slot_of(w.run), "step": w.step,
                        "elapsed": round(time.monotonic() - w.started, 1),
                        "window_left": None if left is None else round(left, 1)}
+    with daemon.guard:
+        stalled = {run: dict(st) for run, st in daemon.stalled.items()}
+    for run, st in stalled.items():  # waiting for space: no thread, or one that is trying again
+        live.setdefault(run, {"slot": [], "step": None, "elapsed": None, "window_left": None})
+        live[run]["stalled"] = {"why": st["why"], "since": st["since"]}
     return {"pid": __import__("os").getpid(), "heartbeat": daemon.heartbeat, "slots": daemon.pool.names,
             "busy": dict(daemon.pool.holders), "runs": live}
 

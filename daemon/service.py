@@ -10,6 +10,7 @@ flight, as an event the daemon appends itself.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socketserver
@@ -49,12 +50,31 @@ class Worker:
     step: int | None = None
 
 
+STORAGE_FULL = ("database or disk is full", "No space left on device", "Disk quota exceeded")
+
+
+def storage_full(e: BaseException | None) -> str | None:
+    """One line saying the disk or the database is full, when `e` (or what it was raised from) says so."""
+    for _ in range(10):
+        if e is None:
+            return None
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"{e.strerror}: {e.filename}" if e.filename else str(e.strerror)
+        text = str(e)
+        if any(marker in text for marker in STORAGE_FULL):
+            return next(line for line in text.splitlines() if any(m in line for m in STORAGE_FULL))[:300]
+        e = e.__cause__ or e.__context__
+    return None
+
+
 class Daemon:
     def __init__(self, home: Path, pool: SlotPool, synchronous: str = "FULL"):
         self.home_path, self.pool, self.synchronous = Path(home), pool, synchronous
         self.lock = HomeLock(self.home_path)
         self.stopping = threading.Event()
         self.workers: dict[str, Worker] = {}
+        # runs waiting for space: {run: {why, since, wait, retry_at}}; retried with a doubling wait (2-60 s)
+        self.stalled: dict[str, dict[str, Any]] = {}
         self.guard = threading.RLock()
         self.heartbeat = time.time()
         self.last_turn = time.monotonic()
@@ -100,13 +120,29 @@ class Daemon:
             notify("WATCHDOG=1")
 
     def loop(self, timeout: float = 0.5) -> None:
-        """One turn: forget runs whose thread ended; then wait for work or a stop signal."""
+        """One turn: forget runs whose thread ended, try again the runs that waited for space; then wait for
+        work or a stop signal."""
         self.last_turn = time.monotonic()
         with self.guard:
             for run, w in list(self.workers.items()):
                 if w.thread is not None and not w.thread.is_alive() and self.workers.get(run) is w:
                     del self.workers[run]
+            due = [run for run, st in self.stalled.items() if time.monotonic() >= st["retry_at"]]
+        for run in due:
+            if not self.stopping.is_set():
+                self.start_worker(run)  # still full: it stalls again, and waits longer
         self.stopping.wait(timeout)
+
+    def stall(self, run: str, why: str) -> None:
+        """The run stopped taking work because the disk or the database is full; nothing it acknowledged is
+        lost (a failed append or blob write leaves no trace), and it is tried again after a wait."""
+        with self.guard:
+            prev = self.stalled.get(run)
+            wait = min(60.0, prev["wait"] * 2) if prev else 2.0
+            self.stalled[run] = {"why": why, "since": prev["since"] if prev else time.time(), "wait": wait,
+                                 "retry_at": time.monotonic() + wait}
+        log.error("storage full: the run waits for space", run=run, why=why, retry_in=wait)
+        notify(f"STATUS=run {run} waits for space: {why}")
 
     def shutdown(self, reason: str = "signal") -> None:
         notify("STOPPING=1")
@@ -170,6 +206,10 @@ class Daemon:
                 gpus = int(next(home.log.read(w.run, until_n=0)).data.get("config", {}).get("gpus", 1))
 
                 def on_event(e: Event) -> None:
+                    if w.run in self.stalled:  # an append went through: there is space again
+                        with self.guard:
+                            self.stalled.pop(w.run, None)
+                        log.info("storage: the run goes on", run=w.run)
                     if e.type == "experiment.started":
                         w.step = e.data["step"]
                     log.info(e.type, run=w.run, n=e.n, step=e.data.get("step"), status=e.data.get("status"))
@@ -180,6 +220,10 @@ class Daemon:
                 state = w.loop.run()
                 log.info("run left the daemon", run=w.run, status=state.status)
         except Exception as e:  # a failure inside one run is recorded and the daemon goes on
+            why = storage_full(e)
+            if why is not None:
+                self.stall(w.run, why)
+                return
             log.exception("run failed", run=w.run)
             try:
                 with Home.open(self.home_path) as home:

@@ -116,7 +116,8 @@ def status_table(rows: list[dict[str, Any]]) -> Table:
     for r in rows:
         live = r.get("live") or {}
         origin = f"{r['parent']['run']}@{r['parent']['step']}" if r.get("parent") else "-"
-        table.add_row(r["run_id"], r["name"], r["status"], r["agent"], *([r["memory"]] if memory else []),
+        status = r["status"] + (" (waiting for space)" if live.get("stalled") else "")
+        table.add_row(r["run_id"], r["name"], status, r["agent"], *([r["memory"]] if memory else []),
                       *([r["space"]] if space else []), origin, str(r["step"]), str(r["experiments"]),
                       str(r["accepted"]), f"{r['metric']} {_fmt(r['best'])}", ",".join(live.get("slot") or []) or "-",
                       f"{live['elapsed']:.0f} s" if live.get("elapsed") is not None else "-")
