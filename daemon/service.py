@@ -218,6 +218,8 @@ class Daemon:
                     stop=w.stop, on_event=on_event,
                     slot=lambda: self.pool.hold(w.run, gpus, w.stop.event)))
                 state = w.loop.run()
+                with self.guard:  # it ended without a storage error (paused or stopped while it waited, say)
+                    self.stalled.pop(w.run, None)
                 log.info("run left the daemon", run=w.run, status=state.status)
         except Exception as e:  # a failure inside one run is recorded and the daemon goes on
             why = storage_full(e)
