@@ -42,8 +42,10 @@ from pydantic import (
     model_validator,
 )
 
+from rloopd import space as regions
 from rloopd.errors import LabConfigError
 from rloopd.redact import secret_reason
+from rloopd.space import literal_assignments
 
 CATEGORIES = ("learning rate", "depth", "width", "batch size", "schedule", "regularization", "optimizer",
               "context", "architecture", "other")
@@ -262,8 +264,6 @@ class Lab(BaseModel):
     def params_in_space(self) -> dict[str, Param]:
         """The [params] constants the built-in policies may set in the space in force: in an editable file,
         and inside a region in force where that file is narrowed to regions."""
-        from rloopd import space as regions
-
         found: dict[str, Param] = {}
         sources: dict[str, bytes] = {}
         for name, param in self.params.items():
@@ -393,20 +393,8 @@ def manifest(lab: Lab) -> list[LabFile]:
 # --- module-level constants of train.py, read and rewritten without importing it ---
 
 def _constant_nodes(source: str) -> dict[str, ast.expr]:
-    nodes = {}
-    for node in ast.parse(source).body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            name, value = node.targets[0].id, node.value
-        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
-            name, value = node.target.id, node.value
-        else:
-            continue
-        try:
-            ast.literal_eval(value)
-        except ValueError:
-            continue
-        nodes[name] = value
-    return nodes
+    """{name: value node} of the module-level literal constants (the last assignment of each name)."""
+    return {name: node.value for name, node in literal_assignments(ast.parse(source))}
 
 
 def read_constants(source: str) -> dict[str, Any]:
@@ -501,8 +489,6 @@ def load_lab(path: Path | str) -> Lab:
 def _check_spaces(lab: Lab, file: Path) -> None:
     """Each preset's globs match files that are not frozen; every editable file's region markers are sound
     (balanced, not nested); every region a space names is marked in one of its files."""
-    from rloopd import space as regions
-
     if lab.space is not None and lab.space not in lab.spaces:
         known = ", ".join(sorted(lab.spaces)) or "none"
         raise _fail(file, "space", f"no [spaces.{lab.space}] table (presets: {known})")

@@ -210,8 +210,9 @@ def editable_lines(data: bytes, names: Names) -> set[int]:
     return {n for r in parse(data) if in_force(r, names) for n in range(r.begin + 2, r.end + 1)}
 
 
-def _assignments(tree: ast.Module) -> Iterable[tuple[str, ast.stmt]]:
-    """Module-level `NAME = literal` and `NAME: T = literal` statements, as lab.read_constants sees them."""
+def literal_assignments(tree: ast.Module) -> Iterable[tuple[str, ast.stmt]]:
+    """Module-level `NAME = literal` and `NAME: T = literal` statements: the constants lab.read_constants reads
+    and built-in policies set (lab.py uses this too)."""
     for node in tree.body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             name, value = node.targets[0].id, node.value
@@ -242,7 +243,7 @@ def constants_in_force(source: bytes, names: Names, constants: Iterable[str]) ->
     except (RegionError, SyntaxError, ValueError):
         return set()
     wanted, inside, outside = set(constants), set(), set()
-    for name, node in _assignments(tree):
+    for name, node in literal_assignments(tree):
         if name in wanted:
             whole = all(n in lines for n in range(node.lineno, (node.end_lineno or node.lineno) + 1))
             (inside if whole else outside).add(name)
@@ -264,7 +265,7 @@ def not_constants(source: bytes, names: Names) -> str:
         return f"the region markers do not parse: {e}"
     except (SyntaxError, ValueError) as e:
         return f"the file does not parse: {getattr(e, 'msg', e)}"
-    constant = {id(node) for _, node in _assignments(tree)}
+    constant = {id(node) for _, node in literal_assignments(tree)}
     for node in tree.body:
         span = range(node.lineno, (node.end_lineno or node.lineno) + 1)
         if any(n in lines for n in span) and id(node) not in constant:
