@@ -66,11 +66,12 @@ class AuditReport:
 def _fork_prev(log: EventLog, data: dict) -> str | None:
     """The hash a fork's first event must chain from: its parent's event at the fork position."""
     parent = data.get("parent") if isinstance(data, dict) else None
-    if not parent:
+    if not parent or not isinstance(parent, dict):  # not a fork, or a damaged payload (its check names it)
         return None
-    row = log.conn.execute(
-        "SELECT hash FROM events WHERE stream = ? AND n = ?", (parent.get("run"), parent.get("n"))
-    ).fetchone()
+    run, n = parent.get("run"), parent.get("n")
+    if not isinstance(run, str) or type(n) is not int:
+        return "<missing parent event>"
+    row = log.conn.execute("SELECT hash FROM events WHERE stream = ? AND n = ?", (run, n)).fetchone()
     return row[0] if row else "<missing parent event>"
 
 
@@ -112,7 +113,10 @@ def collected_blobs(log: EventLog) -> set[str]:
     """Blobs that `rloopd gc` removed on purpose (recorded as `blobs.collected` in the home stream)."""
     gone: set[str] = set()
     for (text,) in log.conn.execute("SELECT data FROM events WHERE stream = 'home' AND type = 'blobs.collected'"):
-        gone.update(json.loads(text).get("removed", []))
+        try:
+            gone.update(x for x in json.loads(text).get("removed", []) if type(x) is str)
+        except (ValueError, RecursionError, AttributeError, TypeError):
+            continue  # a damaged event: the audit names it where it checks that event's payload
     return gone
 
 
@@ -135,12 +139,13 @@ def _audit_stream(log: EventLog, blobs: BlobStore | None, name: str, rep: Stream
             bad(f"position gap: expected n={expected_n} (an event is missing)")
         if seq < last_seq:
             bad("out of order: its seq is lower than the previous event's")
+        parsed = True
         try:
             data = parse_json(text)
             canon = canonical_json(data)
         except ValueError as e:
             bad(f"data is not valid JSON: {e}")
-            data, canon = None, text
+            data, canon, parsed = None, text, False
         if canon != text:
             bad("data text is not in canonical form (its bytes were changed)")
         if link is None:  # first event: empty prev, or the parent's hash for a fork
@@ -149,7 +154,7 @@ def _audit_stream(log: EventLog, blobs: BlobStore | None, name: str, rep: Stream
             bad("prev does not match the hash of the event before it")
         if event_hash(prev, name, n, type_, v, at, canon) != stored:
             bad("hash does not match its contents")
-        if data is not None:
+        if parsed:  # JSON `null` too is checked (and refused) as a payload
             payloads.check(type_, v, data, seq, n)
             if blobs is not None:
                 for ref in ev.blob_refs(data):

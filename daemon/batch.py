@@ -106,8 +106,12 @@ def load_batch(path: Path, home: Home | None = None) -> tuple[BatchFile, list[di
         spec = BatchFile.model_validate(tomllib.loads(path.read_text()))
     except OSError as e:
         raise LabConfigError(f"{path}: cannot read the batch file ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise LabConfigError(f"{path}: cannot read the batch file (not UTF-8: {e})") from None
     except tomllib.TOMLDecodeError as e:
         raise LabConfigError(f"{path}: not valid TOML: {e}") from None
+    except RecursionError:
+        raise LabConfigError(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
@@ -130,7 +134,10 @@ def load_batch(path: Path, home: Home | None = None) -> tuple[BatchFile, list[di
         def field(name: str, own: Any, c=c, where=where) -> str:  # the key the value came from
             return f"{where}.{name}" if own is not None else f"{path}: {name}"
 
-        lab_dir = (path.parent / (c.lab or spec.lab)).resolve()
+        try:
+            lab_dir = (path.parent / (c.lab or spec.lab)).resolve()
+        except (OSError, ValueError) as e:  # a NUL byte, a link loop
+            raise LabConfigError(f"{field('lab', c.lab)}: {c.lab or spec.lab!r} is not a usable path ({e})") from None
         try:
             lab = load_lab(lab_dir)
         except LabConfigError as e:
@@ -180,9 +187,13 @@ def load_batch(path: Path, home: Home | None = None) -> tuple[BatchFile, list[di
                                  f"{said} {spec.criteria.metric!r}")
         program = None
         if c.program is not None:
-            program = (path.parent / c.program).resolve()
-            if not program.is_file():
-                raise LabConfigError(f"{where}.program: {program} does not exist")
+            try:
+                program = (path.parent / c.program).resolve()
+                found = program.is_file()
+            except (OSError, ValueError):  # a NUL byte, a name too long
+                found = False
+            if not found:
+                raise LabConfigError(f"{where}.program: {path.parent / c.program} does not exist")
         resolved.append({"name": c.name, "agent": c.agent, "lab": str(lab_dir),
                          "program": str(program) if program else None, "budget": budget,
                          "experiments": c.experiments if c.experiments is not None else spec.experiments,

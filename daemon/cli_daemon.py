@@ -1,4 +1,4 @@
-"""CLI commands that talk to the daemon: serve, pause, resume, stop, program, backup."""
+"""CLI commands that talk to the daemon: serve, pause, resume, stop, program, dashboard, backup."""
 
 from __future__ import annotations
 
@@ -33,23 +33,65 @@ def configure_logging() -> None:
 @app.command("serve")
 @command
 def serve_cmd(
-    gpus: Annotated[str, typer.Option("--gpus", help="auto, none, or GPU indices such as 0,1,3.")] = "auto",
-    cpu_slots: Annotated[int, typer.Option("--cpu-slots", help="Experiment slots when there is no GPU.")] = 1,
-    synchronous: Annotated[str, typer.Option("--synchronous", help="SQLite durability: FULL, NORMAL.")] = "FULL",
+    gpus: Annotated[str | None, typer.Option(
+        "--gpus", help="auto, none, or GPU indices such as 0,1,3 (default: auto).")] = None,
+    cpu_slots: Annotated[int | None, typer.Option(
+        "--cpu-slots", help="Experiment slots when there is no GPU (default: 1).")] = None,
+    synchronous: Annotated[str | None, typer.Option(
+        "--synchronous", help="SQLite durability: FULL, NORMAL (default: FULL).")] = None,
+    max_db_mb: Annotated[float | None, typer.Option(
+        "--max-db-mb", help="Cap events.db at this many MiB; at the cap runs wait (default: no cap).")] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="Settings file (default: <home>/rloopd.toml if present); a flag wins over it.")] = None,
+    executor: Annotated[str | None, typer.Option(
+        "--executor", help="Where experiments run: local, or ray (tasks on a Ray cluster; default: local).")] = None,
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray-address", metavar="HOST:PORT", help="With --executor ray: the cluster's GCS, e.g. 10.0.0.1:6379 "
+        "(default: auto, the cluster this machine joined with `ray start`).")] = None,
+    http: Annotated[str | None, typer.Option(
+        "--http", metavar="HOST:PORT", help="Serve the live dashboard here, e.g. 127.0.0.1:8765; loopback only "
+        "unless --http-allow-remote (default: off). `rloopd dashboard` prints its link.")] = None,
+    http_allow_remote: Annotated[bool | None, typer.Option(
+        "--http-allow-remote", help="Let --http listen on an address other than loopback (put TLS in front).")
+    ] = None,
     home: HomeOpt = None,
 ) -> None:
     """Run the daemon: serve the home's runs on a pool of slots until SIGTERM or Ctrl-C.
 
-    Example: rloopd serve --home /var/lib/rloopd --gpus auto
+    Settings come from flags, else rloopd.toml (`--config`, else the home's), else defaults (README.md).
+
+    Example: rloopd serve --home /var/lib/rloopd --gpus auto --max-db-mb 4096
     """
-    from rloopd.service import Daemon
+    from rloopd.config import cap_reached, settings
+    from rloopd.service import Daemon, storage_full
     from rloopd.slots import SlotPool, parse_slots
 
-    kind, names = parse_slots(gpus, cpu_slots)
-    path = Path(home) if home else default_home()
-    Home.open(path, synchronous=synchronous).close()  # a clear error for a bad home, before anything else
+    path = (Path(home) if home else default_home()).expanduser().absolute()
+    cfg = settings(config, path, gpus=gpus, cpu_slots=cpu_slots, synchronous=synchronous, max_db_mb=max_db_mb,
+                   http=http, http_allow_remote=http_allow_remote, executor=executor, ray_address=ray_address)
+    kind, names = parse_slots(cfg.gpus, cfg.cpu_slots) if cfg.executor == "local" else ("", [])
+    Home.open(path, synchronous=cfg.synchronous).close()  # a clear error for a bad home, before anything else
+    cluster = None
+    if cfg.executor == "ray":  # experiments run as Ray tasks; the slots cap them at the cluster's size
+        from rloopd.config import where
+        from rloopd.ray_executor import connect
+
+        cluster = connect(cfg.ray_address, where(cfg, "ray_address"))
+        kind, names = cluster.slots()
     configure_logging()
-    Daemon(path, SlotPool(kind, names), synchronous=synchronous).run_forever()
+    if cluster is not None:
+        structlog.get_logger("rloopd.daemon").info("executor", executor=cluster.describe(), slots=len(names))
+        if not cluster.authenticated:
+            structlog.get_logger("rloopd.daemon").warning(
+                "ray: token authentication is off; whoever reaches the cluster's ports can run code on it "
+                "(README: Running on a Ray cluster)")
+    try:
+        Daemon(path, SlotPool(kind, names), cfg, execute=cluster.run if cluster else None).run_forever()
+    except Exception as e:  # full before it could record its start: at the cap, say which setting to raise
+        why = storage_full(e)
+        if why is None:
+            raise
+        raise DaemonError(f"cannot start: {cap_reached(cfg, path, why)}") from None
 
 
 def _send(home: Path | None, op: str, args: dict) -> dict:
@@ -119,6 +161,23 @@ def program_cmd(run: RunArg, file: Annotated[Path, typer.Argument(help="The prog
     Example: rloopd program lr-sweep ~/programs/deeper.md
     """
     _report(_send(home, "program", {"run": run, "file": str(file.absolute())}), json_)
+
+
+@app.command("dashboard")
+@command
+def dashboard_cmd(json_: JsonOpt = False, home: HomeOpt = None) -> None:
+    """Print the link to the live dashboard, token included, of the daemon that serves the home.
+
+    The daemon serves it when started with `--http` (or `http` in rloopd.toml); the link opens it in a browser
+    on this machine (README "The dashboard").
+
+    Example: rloopd serve --http 127.0.0.1:8765 & xdg-open "$(rloopd dashboard)"
+    """
+    result = _send(home, "dashboard", {})
+    if json_:
+        emit_json(result)
+    else:
+        out.print(result["link"], markup=False, highlight=False)
 
 
 @app.command("backup")

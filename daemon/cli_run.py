@@ -186,8 +186,10 @@ def status_cmd(
     """
     with Home.open(home, create=False) as h:
         rows = views.status_rows(h, archived=all_)
+        dashboard = None
         if daemon_running(h.path) and control.socket_path(h.path).exists():
-            live = control.call(h.path, "status", timeout=10)["runs"]
+            reply = control.call(h.path, "status", timeout=10)
+            live, dashboard = reply["runs"], reply.get("dashboard")
             for row in rows:
                 row["live"] = live.get(row["run_id"])
     if json_:
@@ -202,6 +204,8 @@ def status_cmd(
             for warning in dict.fromkeys(r["warnings"]):
                 out.print(f"[yellow]warning:[/] run {r['run_id']} ({r['name']}): {warning}", markup=True,
                           highlight=False, soft_wrap=True)
+        if dashboard:
+            out.print(f"dashboard: {dashboard} (`rloopd dashboard` prints the link with its token)", markup=False)
 
 
 @app.command("show")

@@ -54,8 +54,7 @@ def submit_cmd(
 
     Example: rloopd submit -m "halve the learning rate: the loss curve oscillates"
     """
-    if not message.strip():
-        raise DaemonError("--message: say what changed and why")
+    runsocket.submit_message(message)  # what the run would refuse, refused before connecting
     result = runsocket.call(_socket(), "submit", {"message": message, "wait": not no_wait})
     emit_json(result) if json_ else print_result(result)
 

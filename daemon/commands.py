@@ -6,6 +6,7 @@ retries after a lost reply finds the event already stored and the command is not
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -164,7 +165,17 @@ def status(daemon: Daemon, home: Home, args: dict, request: str) -> dict[str, An
         live.setdefault(run, {"slot": [], "step": None, "elapsed": None, "window_left": None})
         live[run]["stalled"] = {"why": st["why"], "since": st["since"]}
     return {"pid": __import__("os").getpid(), "heartbeat": daemon.heartbeat, "slots": daemon.pool.names,
-            "busy": dict(daemon.pool.holders), "runs": live}
+            "busy": dict(daemon.pool.holders), "runs": live,
+            "dashboard": daemon.dashboard.url if daemon.dashboard is not None else None}
+
+
+def dashboard(daemon: Daemon, home: Home, args: dict, request: str) -> dict[str, Any]:
+    """The dashboard's link with its token (`rloopd dashboard`): whoever may use this socket may pause, stop
+    and fork anyway, and the token file (0600) may not be theirs to read (a service's researchers)."""
+    if daemon.dashboard is None:
+        raise DaemonError("this daemon serves no dashboard: start it with `rloopd serve --http 127.0.0.1:8765` "
+                          "(or http = \"127.0.0.1:8765\" in rloopd.toml)")
+    return daemon.dashboard.link()
 
 
 def archive(daemon: Daemon, home: Home, args: dict, request: str) -> dict[str, Any]:
@@ -189,5 +200,75 @@ def import_(daemon: Daemon, home: Home, args: dict, request: str) -> dict[str, A
     return import_archive(home, Path(args["file"]), args.get("expect") or {})
 
 
-HANDLERS = {"ping": ping, "run": run, "fork": fork, "batch": batch, "pause": pause, "resume": resume, "stop": stop, "program": program,
+# The arguments of each op, as `rloopd`'s own commands send them: a JSON type, then `!` for a required one
+# (never null), `?` for an optional one that may be null, nothing for an optional one that may not. Checked
+# before the handler runs (`check_request`), so a malformed request is refused naming its argument.
+ARGS: dict[str, dict[str, str]] = {
+    "ping": {}, "status": {}, "dashboard": {},
+    "run": {"lab": "string!", "agent": "string?", "experiments": "integer?", "budget": "string?", "seed": "integer",
+            "name": "string?", "sandbox": "string", "window": "string?", "memory": "string?", "space": "string?"},
+    "fork": {"run": "string!", "step": "integer!", "name": "string?", "agent": "string?", "program": "string?",
+             "experiments": "integer?", "window": "string?", "seed": "integer?"},
+    "batch": {"file": "string!"},
+    "pause": {"run": "string!"}, "resume": {"run": "string!"}, "stop": {"run": "string!"},
+    "program": {"run": "string!", "file": "string!"},
+    "archive": {"run": "string!", "reason": "string"},
+    "gc": {"keep_last": "integer!", "orphan_age": "number!", "dry_run": "boolean"},
+    "import": {"file": "string!", "expect": "object?"},
+}
+
+
+def _json_type(value: Any) -> str:
+    return {type(None): "null", bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
+            dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _a(kind: str) -> str:
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+
+
+def _text_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return "contains a NUL byte"
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return "is not valid UTF-8 text"
+    return None
+
+
+def check_request(op: Any, args: Any, request: Any) -> str | None:
+    """Why a control request cannot be served as sent (one line naming the op, argument or field), or None."""
+    if not isinstance(op, str) or op not in HANDLERS:
+        return f"unknown op {op!r}: the daemon takes {', '.join(sorted(HANDLERS))}"
+    if not isinstance(args, dict):
+        return f"malformed {op} request: args must be a JSON object, not {_json_type(args)}"
+    if not isinstance(request, str) or not request or _text_problem(request):
+        return f"malformed {op} request: request must be a non-empty UTF-8 string (the request id)"
+    spec = ARGS.get(op, {})  # an op not listed takes no arguments
+    for name, value in args.items():
+        if name not in spec:
+            return f"malformed {op} request: unknown argument {name!r} (it takes {', '.join(spec) or 'none'})"
+        kind = spec[name].rstrip("!?")
+        if value is None:
+            if not spec[name].endswith("?"):
+                return f"malformed {op} request: argument {name!r} must be {_a(kind)}, not null"
+            continue
+        if _json_type(value) != kind and not (kind == "number" and _json_type(value) == "integer"):
+            return f"malformed {op} request: argument {name!r} must be {_a(kind)}, not {_a(_json_type(value))}"
+        if kind == "number" and not math.isfinite(value):
+            return f"malformed {op} request: argument {name!r} must be a finite number"
+        texts = [value] if kind == "string" else [t for kv in value.items() for t in kv] if kind == "object" else []
+        for text in texts:
+            if not isinstance(text, str):
+                return f"malformed {op} request: argument {name!r} must map strings to strings"
+            if problem := _text_problem(text):
+                return f"malformed {op} request: argument {name!r} {problem}"
+    missing = [name for name, kind in spec.items() if kind.endswith("!") and name not in args]
+    if missing:
+        return f"malformed {op} request: argument {missing[0]!r} is missing"
+    return None
+
+
+HANDLERS = {"ping": ping, "dashboard": dashboard, "run": run, "fork": fork, "batch": batch, "pause": pause, "resume": resume, "stop": stop, "program": program,
             "archive": archive, "gc": gc, "import": import_, "status": status}

@@ -1,10 +1,25 @@
 """Named errors raised inside rloopd; only the CLI maps them to a message and an exit code."""
 
+import re
+
+# What would break a message into lines or not print: control characters (tab aside), line and paragraph
+# separators, and lone surrogates (an argument that was not UTF-8).
+_UNPRINTABLE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def one_line(text: str) -> str:
+    """`text` with those characters escaped as Python writes them (`\\n`, `\\x00`, `\\udcff`), so that a
+    value a message quotes (a path, a key, an argument) can never break it into lines. Idempotent."""
+    return _UNPRINTABLE.sub(lambda m: ascii(m.group())[1:-1], text)
+
 
 class RloopdError(Exception):
     """Base of every error the CLI turns into one line and exit code `exit_code`."""
 
     exit_code = 2
+
+    def __str__(self) -> str:
+        return one_line(super().__str__())
 
 
 class HomeError(RloopdError):
@@ -77,3 +92,11 @@ class ArchiveInvalid(RloopdError):
 
 class ImportConflict(RloopdError):
     """An archive's stream differs from the stream of the same id already in the home."""
+
+
+class ConfigError(RloopdError):
+    """rloopd.toml (the daemon's settings) or a `rloopd serve` flag is malformed, unknown or out of range."""
+
+
+class ExecutorError(RloopdError):
+    """`executor = "ray"` cannot work: Ray is not installed, or no cluster answers at `ray_address`."""

@@ -130,7 +130,7 @@ class SessionStarted(Payload):
 
 SessionEndReason = Literal[
     "agent-exit", "window", "paused", "stopped", "daemon-restart", "timeout",
-    "spend-cap", "empty-cap", "provider-error", "error",
+    "spend-cap", "empty-cap", "provider-error", "error", "disk-cap",
 ]
 
 
@@ -197,6 +197,7 @@ class ExperimentFinished(Payload):
     log_blob: str | None = None
     wall_seconds: float = 0.0
     warm_started: bool | None = None  # train(ctx) loaded the offered checkpoint (None: none was offered)
+    reason: str | None = None  # why the judge gave this status ("causality probe failed"), when it says
 
 
 class CheckpointSaved(Payload):

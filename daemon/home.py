@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rloopd.blobs import BlobStore
+from rloopd.config import cap_pages
 from rloopd.errors import HomeError
 from rloopd.log import EventLog
 from rloopd.sandbox import run_uid
@@ -62,8 +63,10 @@ class Home:
     blobs: BlobStore
 
     @classmethod
-    def open(cls, path: Path | None = None, *, create: bool = True, synchronous: str = "FULL") -> Home:
-        """Open the home at `path` (or the default); with `create`, make it if it does not exist."""
+    def open(cls, path: Path | None = None, *, create: bool = True, synchronous: str = "FULL",
+             max_db_mb: float | None = None) -> Home:
+        """Open the home at `path` (or the default); with `create`, make it if it does not exist. With
+        `max_db_mb`, this connection cannot grow events.db beyond it (the daemon's cap, rloopd.config)."""
         path = Path(path) if path is not None else default_home()
         path = path.expanduser().absolute()
         db = path / "events.db"
@@ -79,6 +82,7 @@ class Home:
             if p.exists() and not os.access(p, os.R_OK | os.W_OK):
                 raise HomeError(f"{p}: the home is not writable by this user (rloopd needs read and write access)")
         log = EventLog.open(db, synchronous=synchronous, create=create)
+        cap_pages(log.conn, max_db_mb)
         secure_home(path)
         return cls(path, log, BlobStore(path / "blobs"))
 

@@ -19,23 +19,86 @@ from typing import TYPE_CHECKING
 from rloopd.lab import matches
 from rloopd.log import NewEvent
 from rloopd.memory.rundir import CHECKPOINT, frozen_dest, materialize_frozen
-from rloopd.snapshots import Snapshots, put_file, read_tree
+from rloopd.runsocket import SubmitRefused
+from rloopd.snapshots import Snapshots, put_file, read_head, read_tree, tree_bytes
 from rloopd.space import RegionError, has_markers, not_constants
 from rloopd.space import check as check_regions
 from rloopd.space import parse as parse_regions
 
 if TYPE_CHECKING:
     from rloopd.home import Home
+    from rloopd.lab import AgentConfig
     from rloopd.loop import Loop
+
+MB = 1 << 20
 
 
 class WorkspaceGuard:
-    """Mixed into SessionDriver, which provides `loop`, `home`, `run_id` and `uid` (the agent's, or None)."""
+    """Mixed into SessionDriver, which provides `loop`, `home`, `run_id`, `uid` (the agent's, or None), `cfg`
+    (the lab's `[agent]`) and `dir` (the session's directory: its HOME, tmp and socket)."""
 
     loop: Loop
     home: Home
     run_id: str
     uid: int | None
+    cfg: AgentConfig
+    dir: Path
+
+    # --- the session's disk ------------------------------------------------------------------------
+    # RLIMIT_FSIZE bounds one file (`file_mb`), not how many: a live session's files in all are measured
+    # while it runs (SessionDriver._watch) and the session is ended past `disk_mb`; what the daemon reads
+    # whole (the workspace at a submit, notes.md) has caps of its own, so an agent cannot make it read or
+    # commit gigabytes. Polling lets a session overshoot by what it writes between two looks (a tenth of
+    # a second): on a shared disk, put the home on a filesystem of its own for a hard limit.
+
+    def over_disk(self) -> str | None:
+        """Why the live session must end for its disk use, or None."""
+        cap = self.cfg.disk_mb * MB
+        run_dir = self.loop.run_dir
+        used = 0
+        for top in (run_dir / "workspace", run_dir / "memory", self.dir / "home", self.dir / "tmp"):
+            used += tree_bytes(top, stop_at=cap - used)
+            if used > cap:
+                return (f"the session's files passed [agent] disk_mb = {self.cfg.disk_mb} "
+                        f"(workspace/, memory/, its HOME and tmp): the session was ended")
+        return None
+
+    def check_workspace_size(self) -> None:
+        """Refuse a submit whose workspace the daemon would have to read and commit whole above `workspace_mb`."""
+        cap = self.cfg.workspace_mb * MB
+        used = tree_bytes(self.loop.run_dir / "workspace", stop_at=cap)
+        if used > cap:
+            raise SubmitRefused(f"workspace/ holds more than [agent] workspace_mb = {self.cfg.workspace_mb} MB "
+                                f"(.git included): remove what the experiment does not need, then submit again")
+
+    def reset_oversized_workspace(self) -> None:
+        """At a session's end, a workspace above `workspace_mb` goes back to the best commit whole (an agent's
+        own `.git` too, which restores otherwise keep), before anything reads it; recorded."""
+        workspace = self.loop.run_dir / "workspace"
+        cap = self.cfg.workspace_mb * MB
+        if tree_bytes(workspace, stop_at=cap) <= cap:
+            return
+        put_file(workspace, ".git", None)
+        self.home.snapshots.restore(self.loop.state.best_commit or self.loop.state.base_commit, workspace)
+        self.loop.append(NewEvent("integrity.violated", {
+            "step": None, "paths": ["workspace/"], "reverted": True,
+            "found": f"workspace/ over [agent] workspace_mb = {self.cfg.workspace_mb} MB at the session's end; "
+                     f"put back to the best commit whole"}))
+
+    def read_notes(self, memory: Path) -> tuple[str, bytes] | None:
+        """memory/notes.md as (git mode, bytes), cut at `notes_mb` (recorded) so the daemon never reads more."""
+        found = read_tree(memory, only="notes.md", contents=False).get("notes.md")
+        if found is None or found[0] == "120000":
+            return found
+        cap = int(self.cfg.notes_mb * MB)
+        data = read_head(memory, "notes.md", cap + 1) or b""
+        if len(data) > cap:
+            data = data[:cap]
+            put_file(memory, "notes.md", data, uid=self.uid)
+            self.loop.append(NewEvent("integrity.violated", {
+                "step": None, "paths": ["memory/notes.md"], "reverted": True,
+                "found": f"memory/notes.md over [agent] notes_mb = {self.cfg.notes_mb:g} MB; cut there"}))
+        return found[0], data
 
     def snapshot(self, workspace: Path, step: int, text: str) -> str:
         """The submitted commit: the workspace's editable files, and the best commit's for every other path.

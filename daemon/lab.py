@@ -58,7 +58,7 @@ Scalar = bool | int | float | str
 class Param(BaseModel):
     """One constant a built-in policy may set: a range (`range = [low, high]`, `log`) or `choices`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     category: Literal[CATEGORIES]  # type: ignore[valid-type]
     low: float | None = None
     high: float | None = None
@@ -74,6 +74,8 @@ class Param(BaseModel):
             bounds = data.pop("range")
             if not (isinstance(bounds, list) and len(bounds) == 2):
                 raise ValueError("range must be [low, high]")
+            if any(isinstance(b, float) and not math.isfinite(b) for b in bounds):
+                raise ValueError(f"range {bounds} must be two finite numbers")
             data["low"], data["high"] = bounds
         return data
 
@@ -99,7 +101,7 @@ class Param(BaseModel):
 class AgentConfig(BaseModel):
     """`[agent]`: how command-line agents run their sessions (daemon/agents/cmd.py, daemon/sessions.py)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     spec: str | None = None  # the agent a plain `rloopd run` uses, e.g. "cmd:'./agent.sh {prompt_file}'"
     prompt: str = "prompt.md"  # the session prompt's template, in the lab (a built-in one if absent)
     env: dict[str, str] = {}  # added to each session's environment; never a secret (see _check_agent_env)
@@ -112,6 +114,9 @@ class AgentConfig(BaseModel):
     processes: int = Field(default=256, ge=8)  # session limits (RLIMITs, as the run's uid)
     memory_mb: int = Field(default=8192, ge=64)
     file_mb: int = Field(default=1024, ge=1)
+    disk_mb: int = Field(default=4096, ge=1)  # the session's files in all (workspace, memory, HOME, tmp)
+    workspace_mb: int = Field(default=64, ge=1)  # workspace/ at a submit: the daemon reads and commits it whole
+    notes_mb: float = Field(default=4.0, gt=0)  # memory/notes.md kept per session: the rest is cut
     # codex and claude (daemon/agents/cli.py); a spec's own options override these
     effort: str | None = None  # reasoning effort
     max_tokens: int | None = Field(default=None, gt=0)  # the run's spend cap in tokens (input + output)
@@ -159,7 +164,7 @@ def parse_budget(value: Any) -> str:
 class Lab(BaseModel):
     """The validated rloop.toml of a lab at `root`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     program: str = "program.md"
     editable: list[str] = Field(min_length=1)
@@ -355,7 +360,9 @@ def glob_files(root: Path, pattern: str) -> list[str]:
     start = root.joinpath(*literal)
     rx = _glob_regex(pattern)
     found = []
-    if start.is_file():
+    if "\x00" in str(start):  # no path holds a NUL byte: nothing to walk
+        return []
+    if _is_file(start):
         return [pattern] if rx.match(pattern) else []
     for dirpath, dirnames, filenames in os.walk(start):
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_PARTS)
@@ -364,6 +371,14 @@ def glob_files(root: Path, pattern: str) -> list[str]:
             if not f.endswith(".pyc") and rx.match(rel):
                 found.append(rel)
     return sorted(found)
+
+
+def _is_file(path: Path) -> bool:
+    """`path.is_file()`, and False for what cannot name a file at all (a NUL byte, a name too long)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _sha256(path: Path) -> str:
@@ -455,17 +470,24 @@ def _fail(file: Path, key: str, message: str) -> LabConfigError:
 
 def load_lab(path: Path | str) -> Lab:
     """Read and check a lab's rloop.toml (path to the file or to the lab directory)."""
-    path = Path(path)
-    file = path / "rloop.toml" if path.is_dir() else path
-    root = file.parent.resolve()
+    path = file = Path(path)
     try:
+        if path.is_dir():
+            file = path / "rloop.toml"
+        root = file.parent.resolve()
         raw = tomllib.loads(file.read_text())
     except FileNotFoundError:
         raise LabConfigError(f"{file}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
         raise LabConfigError(f"{file}: cannot read: {e}") from None
+    except OSError as e:
+        raise LabConfigError(f"{file}: cannot read: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise LabConfigError(f"{file}: not valid TOML: {e}") from None
+    except RecursionError:
+        raise LabConfigError(f"{file}: not valid TOML: arrays or tables nested too deeply") from None
+    except ValueError as e:  # a path with a NUL byte
+        raise LabConfigError(f"{file}: cannot read: {e}") from None
     try:
         lab = Lab.model_validate(raw)
     except ValidationError as e:
@@ -540,7 +562,7 @@ def _check_agent_env(lab: Lab, file: Path) -> None:
 
 def _check_files(lab: Lab, file: Path) -> None:
     root = lab.root
-    if not (root / lab.program).is_file():
+    if not _is_file(root / lab.program):
         raise _fail(file, "program", f"{lab.program} does not exist")
     for key in ("editable", "frozen", "private"):
         for pattern in getattr(lab, key):
@@ -563,6 +585,8 @@ def _check_files(lab: Lab, file: Path) -> None:
                 sources[param.file] = read_constants((root / param.file).read_text())
             except SyntaxError as e:
                 raise _fail(file, key, f"{param.file} does not parse: {e.msg} (line {e.lineno})") from None
+            except (ValueError, RecursionError) as e:  # not UTF-8, a NUL byte, nested too deeply to parse
+                raise _fail(file, key, f"{param.file} does not parse: {e}") from None
         constants = sources[param.file]
         if name not in constants:
             raise _fail(file, key, f"{param.file} has no module-level constant {name}")

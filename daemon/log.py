@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -30,7 +31,7 @@ from pydantic import BaseModel
 from pydantic_core import from_json
 
 from rloopd import events as ev
-from rloopd.errors import LogCorrupt, StaleRun, StreamNotFound
+from rloopd.errors import LogCorrupt, PayloadInvalid, StaleRun, StreamNotFound
 
 APPLICATION_ID = 0x524C4F50  # "RLOP": marks an rloopd events.db
 SCHEMA_VERSION = 1
@@ -89,7 +90,10 @@ def parse_json(text: str) -> Any:
     try:
         return from_json(text)
     except ValueError:
-        return json.loads(text)
+        try:
+            return json.loads(text)
+        except RecursionError:  # nested deeper than Python's parser recurses: no payload is
+            raise ValueError("nested too deeply to parse") from None
 
 
 def canonical_event(stream: str, n: int, type_: str, v: int, at: str, data_text: str) -> str:
@@ -171,12 +175,44 @@ _COLUMNS = "seq, id, stream, n, type, v, at, data, prev, hash"
 
 def _row_event(row: Sequence[Any]) -> Event:
     """An event as readers fold it: `data` in today's shape (older payload versions upcast, DESIGN section 3),
-    `v` the version that was stored. Audit, export and the chain read the stored text, never this."""
-    data = json.loads(row[7])
-    known = ev.TYPES.get(row[4])
-    if known is not None and row[5] < known[0]:
-        data = ev.upcast(row[4], row[5], data)
-    return Event(row[0], row[1], row[2], row[3], row[4], row[5], row[6], data, row[8], row[9])
+    `v` the version that was stored. Audit, export and the chain read the stored text, never this. A stored
+    text that is not a JSON object (a damaged row) is PayloadInvalid naming the event, never a parser's
+    traceback; `rloopd audit` lists every such event."""
+    try:
+        data = json.loads(row[7])
+    except (ValueError, RecursionError) as e:
+        raise PayloadInvalid(f"stream {row[2]} n={row[3]}: the stored {row[4]} payload is not JSON ({e}); "
+                             "`rloopd audit` lists every damaged event") from None
+    if type(data) is not dict:
+        kind = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}.get(
+            type(data), "null")
+        raise PayloadInvalid(f"stream {row[2]} n={row[3]}: the stored {row[4]} payload is {kind}, not a JSON "
+                             "object; `rloopd audit` lists every damaged event")
+    return Event(row[0], row[1], row[2], row[3], row[4], row[5], row[6], as_read(row[4], row[5], data), row[8],
+                 row[9])
+
+
+def as_read(type_: str, v: int, data: dict[str, Any]) -> dict[str, Any]:
+    """A stored payload (a JSON object) as readers fold it: upcast to today's version of its type, and a field
+    it lacks (one added, with its default, after the event was written) at its default."""
+    known = ev.TYPES.get(type_)
+    if known is None:
+        return data
+    if v < known[0]:
+        data = ev.upcast(type_, v, data)
+    count, defaults = _defaults(type_)
+    if len(data) != count:
+        data = {**data, **{k: copy.deepcopy(d) for k, d in defaults.items() if k not in data}}
+    return data
+
+
+@functools.cache
+def _defaults(type_: str) -> tuple[int, dict[str, Any]]:
+    """(number of fields, {field: default}) of a known type's payload model. Payloads are stored with every
+    field of their model; one written before a field was added lacks it, and is read with its default."""
+    fields = ev.TYPES[type_][1].model_fields
+    return len(fields), {name: f.get_default(call_default_factory=True) for name, f in fields.items()
+                         if not f.is_required()}
 
 
 class _HeadMoved(Exception):

@@ -5,7 +5,9 @@ frozen manifest, run the lab's experiment in the sandbox, append the result, dec
 save the checkpoint of an accepted change before its decision, and on reject restore the best commit.
 Projections (the experiments table, the run directory) catch up after every decision. A loop started on
 a run that has an attempt started but not finished records it as `interrupted` and starts the same step
-and replica again as the next attempt, so a crashed process costs at most the experiment in flight.
+and replica again as the next attempt, so a crashed process costs at most the experiment in flight. An
+executor that loses the experiment itself (`opts.execute`: a Ray node that died, daemon/ray_executor.py)
+returns it as `interrupted`, and the loop does the same at once: closed, then started again.
 
 Under `accept = "rerun:K"` a candidate whose first run (replica 0) beats the best is run again as replicas
 1..K of its step, with other seeds, before its decision (`confirm`); the decision records the mean and each
@@ -34,11 +36,13 @@ from rloopd.memory.experiments import ExperimentsTable
 from rloopd.memory.folded import FoldSnapshots, fold_history
 from rloopd.memory.rundir import project_memory
 from rloopd.memory.state import RunState, parse_at
-from rloopd.runner import Interrupted, Outcome, run_experiment
+from rloopd.runner import Experiment, Interrupted, Outcome, run_experiment
 from rloopd.sessions import SessionDriver
 
 OnEvent = Callable[[Event], None]
 SlotFactory = Callable[[], AbstractContextManager[dict[str, str]]]
+Execute = Callable[[Experiment, threading.Event | None], Outcome]  # runs the judge; raises Interrupted on stop
+LOST_LIMIT = 10  # attempts of one step in a row an executor may lose (a Ray node dying) before it counts as crashed
 
 
 class Stop:
@@ -65,6 +69,7 @@ class LoopOptions:
     stop: Stop | None = None
     on_event: OnEvent | None = None
     slot: SlotFactory | None = None  # held only while an experiment runs; yields its environment
+    execute: Execute | None = None  # where the judge runs: None here (runner.run_experiment); ray_executor.py
 
 
 class Loop:
@@ -168,10 +173,13 @@ class Loop:
         return max(self.lab.budget_seconds or 0.0, median)
 
     def finish_run(self, reason: str) -> None:
+        """The run's end: recorded, and its workspace put at the best commit (an agent's change that a
+        closing window left unsubmitted never ran, so the finished run's directory shows what the log says)."""
         self.append(NewEvent("run.finished", {"reason": reason, "best": self.state.best,
                                               "best_step": self.state.best_step, "best_commit": self.state.best_commit}))
         if self.sessions is not None:
             self.sessions.clean(home_too=True)
+        runs.restore_workspace(self.home, self.state, self.run_dir / "workspace")
 
     def interrupted(self) -> None:
         """Record why the loop ended early; a daemon shutdown records nothing, so the run resumes."""
@@ -243,7 +251,7 @@ class Loop:
 
     def run_attempt(self, step: int, attempt: int, commit: str, description: str, category: str | None,
                     params: dict, diff: str, env: dict[str, str], *, replica: int = 0,
-                    extra: dict | None = None) -> None:
+                    extra: dict | None = None, lost: int = 0) -> None:
         self.sync()  # the program version in force is the latest one recorded, also by the watcher
         if replica == 0:
             self.proposal = (step, {"description": description, "category": category, "params": params,
@@ -260,6 +268,20 @@ class Loop:
             self.append(NewEvent("experiment.finished", {
                 "step": step, "replica": replica, "attempt": attempt, "status": "interrupted", "metrics": {}}))
             raise
+        if outcome.status == "interrupted" and lost + 1 < LOST_LIMIT:
+            # The executor lost it (a Ray node or worker died; the judge said so): closed as interrupted and
+            # started again at once as the next attempt, as a restarted daemon would, but without a restart.
+            self.append(NewEvent("experiment.finished", {
+                "step": step, "replica": replica, "attempt": attempt, "status": "interrupted", "metrics": {},
+                "log_blob": self.home.blobs.put(self.redact(outcome.log)), "wall_seconds": round(outcome.wall_seconds, 3),
+                **({"reason": self.redact(outcome.reason.encode()).decode(errors="replace")[:500]}
+                   if outcome.reason else {})}))
+            if outcome.workdir is not None:
+                shutil.rmtree(outcome.workdir, ignore_errors=True)
+            return self.run_attempt(step, attempt + 1, commit, description, category, params, diff, env,
+                                    replica=replica, extra=extra, lost=lost + 1)
+        if outcome.status == "interrupted":  # lost every time: counted, so that the run moves on
+            outcome.status, outcome.reason = "crashed", f"lost {LOST_LIMIT} times in a row; last: {outcome.reason or 'no reason'}"
         self.finish(step, attempt, commit, outcome, replica=replica, env=env)
 
     def started_data(self, step: int, replica: int, attempt: int | None = None) -> dict | None:
@@ -293,7 +315,7 @@ class Loop:
         exp = runs.experiment_for(self.home, self.run_id, self.created, self.lab, snapshot, step, env=env,
                                   replica=replica, warm_start=warm)
         try:
-            return run_experiment(exp, self.stop.event)
+            return (self.opts.execute or run_experiment)(exp, self.stop.event)
         finally:
             shutil.rmtree(snapshot, ignore_errors=True)
 
@@ -302,7 +324,8 @@ class Loop:
         self.append(NewEvent("experiment.finished", {
             "step": step, "replica": replica, "attempt": attempt, "status": outcome.status, "metrics": outcome.metrics,
             "log_blob": self.home.blobs.put(self.redact(outcome.log)), "wall_seconds": round(outcome.wall_seconds, 3),
-            **({"warm_started": outcome.warm_started} if outcome.warm_started is not None else {})}))
+            **({"warm_started": outcome.warm_started} if outcome.warm_started is not None else {}),
+            **({"reason": self.redact(outcome.reason.encode()).decode(errors="replace")[:500]} if outcome.reason else {})}))
         self.confirm(step, commit, outcome, env)
 
     # --- decisions, and replicas under rerun:K -----------------------------------------------------

@@ -16,12 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rloopd import events as ev
 from rloopd.audit import audit
 from rloopd.errors import RloopdError
 from rloopd.history import ranges
 from rloopd.home import Home
-from rloopd.log import Event
+from rloopd.log import Event, as_read
 from rloopd.memory import experiments as ex
 from rloopd.memory.folded import LAST
 from rloopd.memory.folded import TYPES as FOLDED
@@ -72,14 +71,12 @@ def _replay_once(home: Home, run: str) -> ReplayReport:
         events: list[Event] = []  # the history's events that a projection folds (the others only count)
 
         def keep(stream: str, row: tuple, data: Any) -> None:  # one pass: each event verified, then kept
-            if data is not None and row[1] <= until[stream]:  # not past a fork position
+            if isinstance(data, dict) and row[1] <= until[stream]:  # not past a fork position
                 seq, n, type_, v, at, _text, prev, hash_, id_ = row
-                known = ev.TYPES.get(type_)
-                if known is not None and v < known[0]:
-                    try:
-                        data = ev.upcast(type_, v, data)
-                    except RloopdError:
-                        pass  # audit names it
+                try:
+                    data = as_read(type_, v, data)  # as the live projections read it
+                except RloopdError:
+                    pass  # audit names it
                 events.append(Event(seq, id_, stream, n, type_, v, at, data, prev, hash_))
 
         chain = audit(home.log, home.blobs, [s for s, _ in history], visit=dict.fromkeys(FOLDED, keep))

@@ -26,6 +26,19 @@ GRACE_SECONDS = 60  # over the lab's own hard timeout, for data loading and eval
 
 
 @dataclass
+class Portable:
+    """What an executor that runs the judge on another machine rebuilds the experiment from (runs.experiment_for
+    fills it; the local runner does not read it): the paths of an `Experiment` mean nothing on another node."""
+
+    lab: Path  # the judge's copy of the lab (frozen files, the private ones too), shipped whole
+    command: list[str]  # the lab's command before {python} and {lab} are filled in
+    gpus: int  # GPUs the lab asks for per experiment
+    sandbox: str  # the run's sandbox kind, rebuilt there for that node's own paths
+    uid: int | None  # the run's own uid (used where the node runs the task as root)
+    label: str  # names the task on the cluster (`ps`, Ray's dashboard): run, step and replica
+
+
+@dataclass
 class Experiment:
     command: list[str]  # the entry point, e.g. [python, /judge/frozen/experiment.py]
     workspace: Path  # snapshot of the workspace to train (read by the judge, copied for its children)
@@ -40,6 +53,7 @@ class Experiment:
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     warm_start: Path | None = None  # a checkpoint the judge offers to train(ctx) (`--warm-start`)
+    portable: Portable | None = None  # for an executor elsewhere (daemon/ray_executor.py)
 
 
 @dataclass
@@ -83,7 +97,8 @@ def run_experiment(exp: Experiment, stop: threading.Event | None = None) -> Outc
            "--cache", str(exp.cache), "--scratch", str(exp.scratch), "--log", str(log_path),
            "--save-model", str(work / "model.pt"), *exp.extra_args,
            *(["--warm-start", str(exp.warm_start)] if exp.warm_start else [])]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RLOOPD_")} | exp.env
+    # neither the daemon's variables nor Ray's (a cluster's token among them) reach the judge and its children
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RLOOPD_", "RAY_"))} | exp.env
     t0 = time.monotonic()
     with open(work / "judge.log", "wb") as judge_log:
         proc = subprocess.Popen(cmd, stdout=judge_log, stderr=subprocess.STDOUT, pass_fds=(read_fd,),

@@ -29,7 +29,7 @@ from rloopd.lab import Lab, load_lab
 from rloopd.log import NewEvent, canonical_json, new_id
 from rloopd.memory.rundir import materialize_frozen
 from rloopd.memory.state import RunState
-from rloopd.runner import Experiment
+from rloopd.runner import Experiment, Portable
 from rloopd.sandbox import allocate_uid, resolve_kind, training_sandbox
 
 
@@ -297,7 +297,10 @@ def experiment_for(home: Home, run: str, created: dict[str, Any], lab: Lab, snap
                       secrets=lab_secrets(home), sandbox=sandbox.prefix, cache=private_dir(home.path / "cache"),
                       scratch=scratch,
                       private=home.path / "tmp" / run / "judge", extra_args=lab.entry_args(), env=env or {},
-                      warm_start=home.blobs.path(warm_start) if warm_start else None)
+                      warm_start=home.blobs.path(warm_start) if warm_start else None,
+                      portable=Portable(lab=judge, command=list(lab.command), gpus=lab.gpus,
+                                        sandbox=created["sandbox"], uid=created.get("uid"),
+                                        label=f"{run}-s{step}-r{replica}"))
 
 
 def prompt_template(home: Home, created: dict[str, Any]) -> tuple[str, str | None]:

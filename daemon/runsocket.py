@@ -18,14 +18,37 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rloopd.control import CLIENT_SILENCE, read_message, write_message
-from rloopd.errors import DaemonError, RloopdError
+from rloopd.control import CLIENT_SILENCE, exchange, not_utf8, read_message, write_message
+from rloopd.errors import DaemonError, RloopdError, one_line
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
+MAX_CONNECTIONS = 16  # served at once per run socket; more are answered at once and closed (no thread each)
+
+
+MAX_SUBMIT_MESSAGE = 64 << 10  # bytes of a submit's message: it goes into the log and the snapshot's commit
 
 
 class SubmitRefused(RloopdError):
     """A submit the run cannot take now (one is running, the window has closed, the session is over)."""
+
+
+def submit_message(value: Any) -> str:
+    """A submit's `message` as the run records it (stripped), or SubmitRefused naming `--message`: it must be
+    UTF-8 text, not empty, without NUL bytes (no commit message holds one), and at most MAX_SUBMIT_MESSAGE."""
+    if not isinstance(value, str):
+        raise SubmitRefused(f"--message: must be text, not {type(value).__name__}")
+    message = value.strip()
+    if not message:
+        raise SubmitRefused("--message: say what changed and why")
+    if "\x00" in message:
+        raise SubmitRefused("--message: contains a NUL byte")
+    if not_utf8(message) is not None:
+        raise SubmitRefused("--message: not valid UTF-8 text")
+    size = len(message.encode())
+    if size > MAX_SUBMIT_MESSAGE:
+        raise SubmitRefused(f"--message: {size} bytes, over the {MAX_SUBMIT_MESSAGE} a submit takes: say what "
+                            "changed in fewer words (notes.md holds the long story)")
+    return message
 
 
 class RunSocket:
@@ -45,14 +68,17 @@ class RunSocket:
                     reply = {"ok": False, "error": f"bad request: {e}", "exit_code": 2}
                 else:
                     self.request.settimeout(None)
-                    op = msg.get("op")
+                    op, args = msg.get("op"), msg.get("args")
                     fn = handlers.get(op) if isinstance(op, str) else None
                     if fn is None:
-                        reply = {"ok": False, "error": f"this socket takes {', '.join(sorted(handlers))}, not {op!r}",
-                                 "exit_code": 2}
+                        reply = {"ok": False, "error": one_line(f"this socket takes {', '.join(sorted(handlers))}, "
+                                                                f"not {op!r}"), "exit_code": 2}
+                    elif args is not None and not isinstance(args, dict):
+                        reply = {"ok": False, "error": f"bad request: args must be a JSON object, not "
+                                                       f"{type(args).__name__}", "exit_code": 2}
                     else:
                         try:
-                            reply = {"ok": True, "result": fn(msg.get("args") or {})}
+                            reply = {"ok": True, "result": fn(args or {})}
                         except RloopdError as e:
                             reply = {"ok": False, "error": str(e), "exit_code": e.exit_code}
                         except Exception as e:  # noqa: BLE001 - the agent gets an answer, never a dropped line
@@ -63,9 +89,35 @@ class RunSocket:
                 except OSError:
                     pass  # the agent hung up; what it asked for is recorded anyway
 
+        slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+        class Server(socketserver.ThreadingUnixStreamServer):
+            """A thread per connection up to MAX_CONNECTIONS: an agent that opens thousands and holds them
+            open costs its own run its socket for a while, not the daemon its threads."""
+
+            request_queue_size = 64
+
+            def process_request(self, request, client_address) -> None:
+                if not slots.acquire(blocking=False):
+                    try:
+                        request.setblocking(False)
+                        write_message(request, {"ok": False, "exit_code": 2, "error":
+                                                f"over {MAX_CONNECTIONS} connections to this run's socket at once"})
+                    except OSError:
+                        pass
+                    self.shutdown_request(request)
+                    return
+                super().process_request(request, client_address)
+
+            def process_request_thread(self, request, client_address) -> None:
+                try:
+                    super().process_request_thread(request, client_address)
+                finally:
+                    slots.release()
+
         old = os.umask(0o177)
         try:
-            self.server = socketserver.ThreadingUnixStreamServer(str(self.path), Conn)
+            self.server = Server(str(self.path), Conn)
         finally:
             os.umask(old)
         self.server.daemon_threads = True
@@ -83,12 +135,14 @@ class RunSocket:
 
 def call(path: Path | str, op: str, args: dict[str, Any] | None = None, timeout: float | None = None) -> dict[str, Any]:
     """One request to a run socket; DaemonError (with the daemon's exit code) when it is refused."""
+    bad = not_utf8(args or {})
+    if bad is not None:
+        raise DaemonError(f"{op}: argument {bad!r} is not valid UTF-8 text")
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             s.connect(str(path))
-            write_message(s, {"op": op, "args": args or {}})
-            reply = read_message(s, limit=16 << 20)
+            reply = exchange(s, {"op": op, "args": args or {}}, limit=16 << 20)
     except (OSError, ValueError) as e:
         raise DaemonError(f"the run's socket {path} did not answer: {e}") from None
     if not reply.get("ok"):

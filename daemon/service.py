@@ -24,12 +24,13 @@ import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from rloopd import __version__, control
-from rloopd.errors import RloopdError
+from rloopd.config import DaemonConfig, cap_reached
+from rloopd.errors import RloopdError, one_line
 from rloopd.history import run_state
 from rloopd.home import Home, secure_home
 from rloopd.lock import HomeLock
 from rloopd.log import Event, NewEvent
-from rloopd.loop import Loop, LoopOptions, Stop
+from rloopd.loop import Execute, Loop, LoopOptions, Stop
 from rloopd.notify import notify, watchdog_interval
 from rloopd.slots import SlotPool
 from rloopd.transfer import imported_streams
@@ -60,7 +61,7 @@ def storage_full(e: BaseException | None) -> str | None:
             return None
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return f"{e.strerror}: {e.filename}" if e.filename else str(e.strerror)
-        text = str(e)
+        text = str(e).replace("\\n", "\n")  # an RloopdError writes its lines as one (errors.one_line)
         if any(marker in text for marker in STORAGE_FULL):
             return next(line for line in text.splitlines() if any(m in line for m in STORAGE_FULL))[:300]
         e = e.__cause__ or e.__context__
@@ -68,8 +69,10 @@ def storage_full(e: BaseException | None) -> str | None:
 
 
 class Daemon:
-    def __init__(self, home: Path, pool: SlotPool, synchronous: str = "FULL"):
-        self.home_path, self.pool, self.synchronous = Path(home), pool, synchronous
+    def __init__(self, home: Path, pool: SlotPool, config: DaemonConfig | None = None,
+                 execute: Execute | None = None):
+        self.home_path, self.pool, self.config = Path(home), pool, config or DaemonConfig()
+        self.execute = execute  # where experiments run: None here; a Ray cluster's (daemon/ray_executor.py)
         self.lock = HomeLock(self.home_path)
         self.stopping = threading.Event()
         self.workers: dict[str, Worker] = {}
@@ -79,12 +82,21 @@ class Daemon:
         self.heartbeat = time.time()
         self.last_turn = time.monotonic()
         self.home: Home | None = None
+        self.dashboard: Any = None  # rloopd.dashboard.Dashboard, with `http` set
 
     # --- lifecycle -------------------------------------------------------------------------------
 
+    def open_home(self) -> Home:
+        """A connection for one of the daemon's threads: its durability and its size cap (max_db_mb)."""
+        return Home.open(self.home_path, synchronous=self.config.synchronous, max_db_mb=self.config.max_db_mb)
+
     def initialize(self) -> None:
-        self.home = Home.open(self.home_path, synchronous=self.synchronous)
+        self.home = self.open_home()
         self.lock.acquire("daemon")
+        if self.config.http:  # the live dashboard: bound first, so a taken port fails the start cleanly
+            from rloopd.dashboard import Dashboard
+
+            self.dashboard = Dashboard(self, self.config.http).start()
         self.server = self.serve_socket()
         foreign = imported_streams(self.home.log)  # imported runs are records of work done elsewhere
         secure_home(self.home_path)  # the lock and the socket are new; Home.open did the rest
@@ -107,7 +119,7 @@ class Daemon:
         if interval:
             self.scheduler.add_job(self.watchdog, "interval", seconds=interval, id="watchdog")
         self.scheduler.start()
-        self.watcher = ProgramWatcher(self.home_path, self.followed, self.stopping)
+        self.watcher = ProgramWatcher(self.home_path, self.followed, self.stopping, self.open_home)
         self.watcher.start()
         self.beat()
         notify("READY=1")
@@ -136,6 +148,7 @@ class Daemon:
     def stall(self, run: str, why: str) -> None:
         """The run stopped taking work because the disk or the database is full; nothing it acknowledged is
         lost (a failed append or blob write leaves no trace), and it is tried again after a wait."""
+        why = cap_reached(self.config, self.home_path, why)  # a cap is raised by a restart, not by waiting
         with self.guard:
             prev = self.stalled.get(run)
             wait = min(60.0, prev["wait"] * 2) if prev else 2.0
@@ -150,6 +163,8 @@ class Daemon:
         self.stopping.set()
         self.server.shutdown()
         self.server.server_close()
+        if self.dashboard is not None:
+            self.dashboard.stop()
         with self.guard:
             workers = list(self.workers.values())
         for w in workers:
@@ -158,7 +173,12 @@ class Daemon:
             if w.thread is not None:
                 w.thread.join(timeout=8)
         self.scheduler.shutdown(wait=False)
-        self.home.log.append_one("home", "daemon.stopped", {"reason": reason})
+        try:
+            self.home.log.append_one("home", "daemon.stopped", {"reason": reason})
+        except Exception as e:  # a full database or disk: the next start recovers as after a crash
+            if storage_full(e) is None:
+                raise
+            log.error("storage full: daemon.stopped not recorded", why=storage_full(e))
         self.home.close()
         control.socket_path(self.home_path).unlink(missing_ok=True)
         self.lock.release()
@@ -202,7 +222,7 @@ class Daemon:
 
     def _drive(self, w: Worker) -> None:
         try:
-            with Home.open(self.home_path, synchronous=self.synchronous) as home:
+            with self.open_home() as home:
                 gpus = int(next(home.log.read(w.run, until_n=0)).data.get("config", {}).get("gpus", 1))
 
                 def on_event(e: Event) -> None:
@@ -215,7 +235,7 @@ class Daemon:
                     log.info(e.type, run=w.run, n=e.n, step=e.data.get("step"), status=e.data.get("status"))
 
                 w.loop = Loop(home, w.run, LoopOptions(
-                    stop=w.stop, on_event=on_event,
+                    stop=w.stop, on_event=on_event, execute=self.execute,
                     slot=lambda: self.pool.hold(w.run, gpus, w.stop.event)))
                 state = w.loop.run()
                 with self.guard:  # it ended without a storage error (paused or stopped while it waited, say)
@@ -228,7 +248,7 @@ class Daemon:
                 return
             log.exception("run failed", run=w.run)
             try:
-                with Home.open(self.home_path) as home:
+                with self.open_home() as home:
                     home.log.append(w.run, [NewEvent("run.warned", {"about": "error", "message": f"{type(e).__name__}: {e}"}),
                                             NewEvent("run.finished", {"reason": "failed"})])
             except RloopdError:
@@ -256,15 +276,17 @@ class Daemon:
                 w.stop.set("window", by="scheduler")
 
     def checkpoint_wal(self) -> None:
-        with Home.open(self.home_path, synchronous=self.synchronous) as home:
+        with self.open_home() as home:
             home.log.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def beat(self) -> None:
         self.heartbeat = time.time()
         with self.guard:
             n = len(self.workers)
+            waiting = len(self.stalled)
         busy = len(self.pool.holders)
-        notify(f"STATUS={n} runs, {busy}/{self.pool.size()} slots busy")
+        notify(f"STATUS={n} runs, {busy}/{self.pool.size()} slots busy"
+               + (f", {waiting} waiting for space" if waiting else ""))
 
     # --- the control socket ----------------------------------------------------------------------
 
@@ -301,14 +323,18 @@ class Daemon:
         from rloopd import commands
 
         op, args, request = msg.get("op"), msg.get("args"), msg.get("request")
-        handler = commands.HANDLERS.get(op) if isinstance(op, str) else None
-        if handler is None or not isinstance(args, dict) or not isinstance(request, str) or not request:
-            return {"ok": False, "error": f"unknown or malformed request (op {op!r})"}
+        refused = commands.check_request(op, args, request)
+        if refused is not None:
+            return {"ok": False, "error": one_line(refused), "exit_code": 2}
+        handler = commands.HANDLERS[op]
         try:
-            with Home.open(self.home_path, synchronous=self.synchronous) as home:
+            with self.open_home() as home:
                 return {"ok": True, "result": handler(self, home, args, request)}
         except RloopdError as e:
             return {"ok": False, "error": str(e), "exit_code": e.exit_code}
         except Exception as e:  # a malformed request must get an answer, never a dropped connection
+            why = storage_full(e)
+            if why is not None:  # nothing was recorded: the caller may try again once there is space
+                return {"ok": False, "error": f"{op}: {cap_reached(self.config, self.home_path, why)}"}
             log.warning("malformed request", op=op, error=f"{type(e).__name__}: {e}")
             return {"ok": False, "error": f"malformed {op} request: {type(e).__name__}: {e}"}

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STOP_REASONS = {"window": "window", "paused": "paused", "stopped": "stopped", "shutdown": "daemon-restart",
-                "spend-cap": "spend-cap"}
+                "spend-cap": "spend-cap", "disk-cap": "disk-cap"}
 MAX_LINE = 8 << 20  # a longer line of a JSON stream is handed on cut (and so recorded as unreadable)
 EDGE = 4096  # the most dropped at each edge of a cut: a one-line secret shorter than this goes whole
 

@@ -46,7 +46,7 @@ from rloopd.memory.rundir import carries, write_atomic
 from rloopd.redact import Redactor
 from rloopd.runner import Interrupted
 from rloopd.runs import prompt_template
-from rloopd.runsocket import RunSocket, SubmitRefused
+from rloopd.runsocket import RunSocket, SubmitRefused, submit_message
 from rloopd.sandbox import SessionLimits, give_to, kill_uid, session_sandbox
 from rloopd.session import SessionResult, SessionSpec, run_session
 from rloopd.snapshots import put_file, read_tree
@@ -156,6 +156,8 @@ class SessionDriver(WorkspaceGuard):
                 loop.finish_run("provider-error")
             return None
         self.provider_errors = 0
+        if reason == "window":  # the loop finishes the run for its window, not for an empty session
+            return None
         self.count(empty=loop.state.step == steps_before)
         return None
 
@@ -166,6 +168,8 @@ class SessionDriver(WorkspaceGuard):
         loop = self.loop
         parser, self.parser = self.parser, None
         reason, detail = result.reason, result.detail
+        if reason == "disk-cap":
+            detail = self.end_reason.get("detail", "")
         if parser is not None and reason == "agent-exit":
             if parser.failure:
                 reason, detail = parser.failure, parser.failure_detail  # the CLI gave up: say why, not a restart
@@ -177,6 +181,7 @@ class SessionDriver(WorkspaceGuard):
                     self.acts += parser.finish()
             self.flush_acts(n)
             self.clean(home_too=True)  # the session's HOME and tmp: the CLI's transcripts, its scratch
+            self.reset_oversized_workspace()
             self.capture_memory(n)
             self.check_integrity(None)  # also when the session ends without a submit (window, pause, stop)
             stopping = loop.stop.is_set() or reason in ("window", "paused", "stopped", "daemon-restart",
@@ -332,8 +337,13 @@ class SessionDriver(WorkspaceGuard):
             self.loop.finish_run("empty-cap")
 
     def _watch(self, end: threading.Event, reason: dict[str, str], done: threading.Event) -> None:
-        """End the live session when the run is stopped or its window closes (not mid-experiment)."""
+        """End the live session when the run is stopped, its window closes (not mid-experiment) or its files
+        pass `[agent] disk_mb` (measured every 0.1 s)."""
         while not done.wait(0.1):
+            if (why := self.over_disk()) is not None:
+                reason.update(why="disk-cap", detail=why)
+                end.set()
+                return
             if self.loop.stop.is_set():
                 reason["why"] = self.loop.stop.reason
                 end.set()
@@ -347,7 +357,8 @@ class SessionDriver(WorkspaceGuard):
     def environment(self, n: int) -> dict[str, str]:
         for d in ("home", "tmp"):
             (self.dir / d).mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RLOOPD_") and k not in DAEMON_ONLY}
+        # Ray's variables stay with the daemon: RAY_AUTH_TOKEN would let a session drive the cluster (README)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RLOOPD_", "RAY_")) and k not in DAEMON_ONLY}
         env.update(self.cfg.env)
         bindir = str(Path(sys.executable).parent)
         env.update(PATH=f"{bindir}:{env.get('PATH', '/usr/bin:/bin')}", HOME=str(self.dir / "home"),
@@ -376,9 +387,7 @@ class SessionDriver(WorkspaceGuard):
     # --- submit and result (called on the run socket's threads) ------------------------------------
 
     def submit(self, args: dict[str, Any]) -> dict[str, Any]:
-        message = str(args.get("message", "")).strip()
-        if not message:
-            raise SubmitRefused("--message: say what changed and why")
+        message = submit_message(args.get("message", ""))
         if not self.busy.acquire(blocking=False):
             raise SubmitRefused(f"an experiment is already running for this run (ticket {self.latest}); "
                                 f"wait for it with `rloopd result`")
@@ -415,6 +424,8 @@ class SessionDriver(WorkspaceGuard):
 
     def result(self, args: dict[str, Any]) -> dict[str, Any]:
         ticket = args.get("ticket") or self.latest
+        if ticket is not None and not isinstance(ticket, str):
+            raise SubmitRefused(f"ticket: must be a string, not {type(ticket).__name__}")
         if ticket is None:
             raise SubmitRefused("nothing was submitted in this run yet")
         thread = self.pending.get(ticket)
@@ -459,6 +470,7 @@ class SessionDriver(WorkspaceGuard):
         self.flush_acts(n)  # what the agent did before it submitted, in order
         self.capture_memory(n)
         step = loop.state.step + 1
+        self.check_workspace_size()
         self.check_integrity(step)
         workspace = loop.run_dir / "workspace"
         text = self.redactor.redact_text(message)
@@ -515,7 +527,7 @@ class SessionDriver(WorkspaceGuard):
         self.cap_artifacts(n, memory)
         found = {f"artifacts/{rel}": data for rel, (mode, data) in read_tree(memory / "artifacts").items()
                  if mode != "120000"} if (memory / "artifacts").is_dir() else {}
-        notes = read_tree(memory, only="notes.md").get("notes.md")
+        notes = self.read_notes(memory)
         if notes is not None and notes[0] != "120000":
             found = {"notes.md": notes[1], **found}
         events = []

@@ -87,6 +87,50 @@ def read_tree(root: Path, *, contents: bool = True, only: str | None = None) -> 
     return found
 
 
+def tree_bytes(root: Path, stop_at: int | None = None) -> int:
+    """Bytes held by the regular files under `root`, everything counted (`.git` too), no link followed; the
+    count stops once it passes `stop_at`. What a session's disk cap measures (daemon/integrity.py)."""
+    total = 0
+    try:
+        for _, _, filenames, dirfd in os.fwalk(root, follow_symlinks=False):
+            for name in filenames:
+                try:
+                    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    total += max(st.st_size, st.st_blocks * 512)
+            if stop_at is not None and total > stop_at:
+                break
+    except OSError:
+        pass
+    return total
+
+
+def read_head(root: Path, rel: str, limit: int) -> bytes | None:
+    """At most `limit` bytes of the regular file `root/rel` (one name, no link followed), or None."""
+    try:
+        dirfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dirfd)
+    except OSError:
+        return None
+    finally:
+        os.close(dirfd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        chunks, left = [], limit
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def _read_entry(dirfd: int, name: str, contents: bool) -> tuple[str, bytes] | None:
     try:
         st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)

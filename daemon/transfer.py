@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import lzma
 import os
 import re
 import tarfile
@@ -120,6 +121,8 @@ def _check_events(lines: Iterable[str]) -> Checked:
             obj = json.loads(line)
         except ValueError as e:
             raise _BadEvent(lineno, None, None, f"not JSON ({e})") from None
+        except RecursionError:
+            raise _BadEvent(lineno, None, None, "not JSON (arrays or objects nested too deeply)") from None
         if not isinstance(obj, dict) or set(obj) != set(FIELDS) or not all(
                 isinstance(obj[k], str) for k in ("id", "stream", "type", "at", "prev", "hash")) or not all(
                 type(obj[k]) is int for k in ("n", "v")) or not isinstance(obj["data"], dict):
@@ -309,8 +312,10 @@ def _unpack(src: Path, stage: Path) -> dict[str, str]:
                         h.update(chunk)
                         fout.write(chunk)
                 digests[member.name] = h.hexdigest()
-    except (tarfile.TarError, EOFError, zlib.error) as e:
-        raise ArchiveUnreadable(f"archive {src}: truncated or not an rloopd archive ({e})") from None
+    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as e:
+        lines = str(e).splitlines()  # tarfile's "r:*" says why each compression failed, a line each
+        why = next((x.removeprefix("- method gz: ") for x in lines if x.startswith("- method gz: ")), lines[0] if lines else "")
+        raise ArchiveUnreadable(f"archive {src}: truncated or not an rloopd archive ({why or type(e).__name__})") from None
     except OSError as e:  # a missing file, a directory, no permission; gzip's BadGzipFile is one too
         raise ArchiveUnreadable(f"archive {src}: cannot read it ({e.strerror or e})") from None
     return digests
@@ -323,6 +328,8 @@ def _read_doc(src: Path, stage: Path, digests: dict[str, str]) -> ArchiveDoc:
         raw = json.loads((stage / "archive.json").read_text(encoding="utf-8"))
     except ValueError as e:
         raise ArchiveInvalid(f"archive {src}: archive.json is not JSON ({e})") from None
+    except RecursionError:
+        raise ArchiveInvalid(f"archive {src}: archive.json is not JSON (arrays or objects nested too deeply)") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise ArchiveUnreadable(f"archive {src}: not an rloopd archive (archive.json names no {FORMAT} format)")
     version = raw.get("version")

@@ -138,6 +138,7 @@ def step_detail(h: Home, run: str, step: int) -> dict[str, Any]:
             "description": last.get("description", ""), "category": last.get("category"),
             "params": last.get("params", {}), "status": finished[-1]["status"] if finished else "running",
             "metrics": finished[-1]["metrics"] if finished else {},
+            "reason": finished[-1].get("reason") if finished else None,
             "wall_seconds": finished[-1].get("wall_seconds") if finished else None,
             "decision": decided[-1] if decided else None, "diff": diff,
             "warm_start": {"offered": last["warm_start_blob"], "used": finished[-1].get("warm_started") if finished
@@ -147,6 +148,8 @@ def step_detail(h: Home, run: str, step: int) -> dict[str, Any]:
 def print_step(console: Console, d: dict[str, Any]) -> None:
     console.print(f"[bold]step {d['step']}[/] (attempt {d['attempt']}) commit {d['commit'][:12]}: {d['description']}")
     console.print(f"status {d['status']}  category {d['category'] or '-'}  wall {_fmt(d['wall_seconds'])} s")
+    if d.get("reason"):
+        console.print(f"  why: {d['reason']}", markup=False, highlight=False)
     for k, v in sorted(d["metrics"].items()):
         console.print(f"  {k}: {_fmt(v)}")
     if d.get("warm_start"):

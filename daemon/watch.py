@@ -26,13 +26,16 @@ log = structlog.get_logger("rloopd.watch")
 class ProgramWatcher(threading.Thread):
     """Runs until `stopping` is set; `followed()` returns {program path: [run ids]} for the live runs."""
 
-    def __init__(self, home_path: Path, followed: Callable[[], dict[Path, list[str]]], stopping: threading.Event):
+    def __init__(self, home_path: Path, followed: Callable[[], dict[Path, list[str]]], stopping: threading.Event,
+                 open_home: Callable[[], Home] | None = None):
         super().__init__(name="program-watcher", daemon=True)
         self.home_path, self.followed, self.stopping = home_path, followed, stopping
+        self.open_home = open_home or (lambda: Home.open(self.home_path))  # the daemon's: its size cap too
         self.warned: set[tuple[str, str]] = set()
+        self.retry = False  # a change could not be recorded (a full disk, say): look again each second
 
     def run(self) -> None:
-        with Home.open(self.home_path) as home:
+        with self.open_home() as home:
             while not self.stopping.is_set():
                 files = self.followed()
                 dirs = sorted({str(p.parent) for p in files if p.parent.is_dir()})
@@ -42,12 +45,15 @@ class ProgramWatcher(threading.Thread):
                 self.check(home, files)  # catch what changed while nothing watched
                 for changes in watchfiles.watch(*dirs, stop_event=self.stopping, yield_on_timeout=True,
                                                 rust_timeout=1000, debounce=200, raise_interrupt=False):
-                    if changes:
+                    if changes or self.retry:
                         self.check(home, self.followed())
                     if self.followed().keys() != files.keys():
                         break  # the set of files changed: watch the new directories
 
     def check(self, home: Home, files: dict[Path, list[str]]) -> None:
+        """Record what changed. A write that fails (the disk or the database full) must not end the watcher:
+        the change is looked at again every second until it is recorded."""
+        self.retry = False
         for path, runs in files.items():
             try:
                 text = path.read_bytes()
@@ -55,9 +61,13 @@ class ProgramWatcher(threading.Thread):
                 self.warn(home, runs, path, f"program file {path} cannot be read ({e.strerror}); "
                                             "the version in force stays")
                 continue
-            blob = home.blobs.put(text)
-            for run in runs:
-                self.record(home, run, path, blob)
+            try:
+                blob = home.blobs.put(text)
+                for run in runs:
+                    self.record(home, run, path, blob)
+            except Exception as e:  # noqa: BLE001 - retried; the daemon's log says why meanwhile
+                self.retry = True
+                log.warning("program change not recorded yet", path=str(path), error=str(e))
 
     def record(self, home: Home, run: str, path: Path, blob: str) -> None:
         state = run_state(home.log, run)

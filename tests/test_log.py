@@ -182,7 +182,8 @@ def test_session_ended_v1_reads_as_v2(home):
     home.log.conn.execute("INSERT INTO events (id, stream, n, type, v, at, data, prev, hash) "
                           "VALUES ('x1', 's', 0, 'session.ended', 1, ?, ?, '', ?)", (at, data, digest))
     [e] = home.log.read("s")
-    assert e.v == 1 and e.data == {"session": 1, "reason": "agent-exit", "usage": {"input": 1200, "output": 80}}
+    assert e.v == 1 and e.data == {"session": 1, "reason": "agent-exit", "usage": {"input": 1200, "output": 80},
+                                   "exit_code": None, "cost_usd": None, "output_blob": None, "stderr_blob": None}
     assert e.payload().usage == {"input": 1200, "output": 80}
     assert audit(home.log, home.blobs).ok
     assert "tokens_in" in json.loads(home.log.conn.execute("SELECT data FROM events").fetchone()[0])

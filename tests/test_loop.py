@@ -101,6 +101,8 @@ def test_every_status_is_recorded_and_the_run_goes_on(home, lab, status):
     state = Loop(home, run).run()
     finished = [e.data for e in home.log.read(run, types=["experiment.finished"])]
     assert [f["status"] for f in finished] == [status] * 3
+    if status == "crashed":  # the instant lab's judge exits 3 without a result
+        assert all(f["reason"] == "the judge exited 3 without a result" for f in finished)
     assert state.status == "finished" and state.experiments == 2 and state.valid == 0 and state.best is None
     assert not any(e.data["accepted"] for e in home.log.read(run, types=["experiment.decided"]))
 
@@ -112,6 +114,7 @@ def test_hanging_judge_is_killed_as_timeout(home, lab):
     Loop(home, run).run()
     [f] = [e.data for e in home.log.read(run, types=["experiment.finished"])]
     assert f["status"] == "timeout" and time.monotonic() - t0 < 30
+    assert f["reason"] == "the judge passed its hard deadline"  # why, on the event (rloopd show prints it)
 
 
 def test_fake_numbers_do_not_count(home, lab):
