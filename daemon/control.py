@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,17 @@ def socket_path(home: Path) -> Path:
     return Path(home) / "rloopd.sock"
 
 
-def read_message(sock: socket.socket, limit: int = MAX_MESSAGE) -> dict[str, Any]:
-    """One newline-terminated JSON object; ValueError for an oversized, truncated or malformed one."""
+def read_message(sock: socket.socket, limit: int = MAX_MESSAGE, within: float | None = None) -> dict[str, Any]:
+    """One newline-terminated JSON object; ValueError for an oversized, truncated or malformed one, or for
+    one not complete `within` seconds (a peer sending a byte at a time must not hold a thread for ever)."""
     buf = bytearray()
+    deadline = None if within is None else time.monotonic() + within
     while b"\n" not in buf:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ValueError(f"no complete request within {within:g} s")
+            sock.settimeout(min(left, sock.gettimeout() or left))
         chunk = sock.recv(65536)
         if not chunk:
             raise ValueError("the connection closed before a complete message")

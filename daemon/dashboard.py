@@ -3,7 +3,12 @@
 Why these choices:
 - The stdlib `ThreadingHTTPServer`: a loopback admin page that a few browser tabs poll needs no framework,
   and the daemon stays free of an async stack. Every request has its own thread and its own connection to
-  the log (`Daemon.open_home`), as the control socket's requests do.
+  the log (`Daemon.open_home`), as the control socket's requests do. A connection gets its thread only
+  once its request line and headers have arrived: until then one intake thread waits for it, with up to
+  MAX_WAITING others (over that, the oldest is closed); a request must arrive whole (line, headers, body)
+  within READ_SECONDS of its connection, or it is closed unanswered; and at most MAX_CONNECTIONS requests
+  are served at once (one over the cap is closed at once, without a thread). So idle or slow clients cost
+  a socket for seconds, never a thread for ever, and the page's own requests still get through.
 - A token always, checked in constant time on every request (`Authorization: Bearer TOKEN`, or `?token=`
   for the page itself): loopback is no boundary on a machine where agent sessions run with network. It
   lives in `<home>/http.token` (0600, made at the first serve, kept across restarts; delete it and restart
@@ -11,7 +16,8 @@ Why these choices:
   socket for the link: whoever may use that socket may pause, stop and fork anyway.
 - Reads reuse the CLI's (status rows, `step_detail`, batch info, the run's fold); the buttons send the
   control socket's ops through `Daemon.answer`, so the log records them exactly as from the CLI, and a
-  refused one (a fork from a step that does not exist) is a 409 with the daemon's one-line reason.
+  refused one (a fork from a step that does not exist) is a 409 with the daemon's one-line reason; an
+  unknown run is a 404, for a button as for a read.
 - Polling, not server-sent events: a detail request that names the run's last event position (`?n=`) is
   answered `unchanged` without folding anything, and no thread is held open per tab.
 - The page is one HTML file (no build step) with a per-response CSP nonce: agents write the notes, diffs
@@ -21,12 +27,16 @@ Why these choices:
 from __future__ import annotations
 
 import hmac
+import io
 import json
 import os
+import queue
 import re
 import secrets
+import selectors
 import socket
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -53,6 +63,10 @@ log = structlog.get_logger("rloopd.dashboard")
 TOKEN_FILE = "http.token"
 MAX_BODY = 64 * 1024  # bytes of a POST body
 MAX_TEXT = 256 * 1024  # characters of notes or a program version sent to the page
+MAX_CONNECTIONS = 32  # requests served at once (a thread each); over it, closed at once
+MAX_WAITING = 256  # connections whose request line and headers are still arriving; over it, the oldest is closed
+MAX_HEAD = 64 * 1024  # bytes of request line and headers the intake collects before it hands them on anyway
+READ_SECONDS = 15.0  # a request's line, headers and body must all arrive within this, from its connection
 ACTIONS = {"pause", "resume", "stop", "fork"}
 FORK_ARGS = {"step", "name", "agent", "experiments"}  # what the page's fork form may send
 ROUTES = [
@@ -144,9 +158,7 @@ class Dashboard:
     def run(self, h: Home, ref: str, known_n: str | None) -> dict[str, Any]:
         """One run: its state, best-so-far curve, experiments, notes and program history, folded from its
         history (a fork's includes its parent's prefix); `unchanged` when its last event is `known_n`."""
-        run = h.log.resolve(ref)
-        if run == "home" or run.startswith("batch:"):
-            raise StreamNotFound(f"{ref!r} is not a run")
+        run = _run_id(h, ref)
         n = h.log.head(run)[0]
         if known_n is not None and known_n == str(n):
             return {"run_id": run, "n": n, "unchanged": True}
@@ -185,6 +197,14 @@ class Dashboard:
         return self.daemon.answer({"op": op, "args": args, "request": request or new_id()})
 
 
+def _run_id(h: Home, ref: str) -> str:
+    """The run `ref` names; StreamNotFound (a 404) for no run, an ambiguous prefix, the home or a batch."""
+    run = h.log.resolve(ref)
+    if run == "home" or run.startswith("batch:"):
+        raise StreamNotFound(f"{ref!r} is not a run")
+    return run
+
+
 def _text(h: Home, blob: str) -> str:
     try:
         text = h.blobs.get(blob).decode("utf-8", errors="replace")
@@ -194,14 +214,167 @@ def _text(h: Home, blob: str) -> str:
 
 
 class _Server(ThreadingHTTPServer):
+    """Accepts in the serving thread, waits for each request's head in one intake thread (selectors), then
+    serves it in a thread of its own, MAX_CONNECTIONS at most (see the module docstring)."""
+
     daemon_threads = True
     block_on_close = False  # the daemon's stop never waits for a browser's idle connection
     allow_reuse_address = True
+    request_queue_size = 64
     dashboard: Dashboard
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.arrived: queue.SimpleQueue = queue.SimpleQueue()  # (socket, address, deadline) for the intake
+        self.heads: dict[socket.socket, tuple[bytes, float]] = {}  # what the intake read, for the handler
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_w.setblocking(False)
+        self.closing = False
+        self.intake_thread = threading.Thread(target=self.intake, name="dashboard-intake", daemon=True)
+        self.intake_thread.start()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Just accepted: to the intake, no thread yet."""
+        self.arrived.put((request, client_address, time.monotonic() + READ_SECONDS))
+        self.wake()
+
+    def wake(self) -> None:
+        try:
+            self.wake_w.send(b"x")
+        except OSError:  # full (it is woken anyway) or closed
+            pass
+
+    def intake(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self.wake_r, selectors.EVENT_READ)
+        waiting: dict[socket.socket, tuple[bytearray, float, Any]] = {}  # oldest first
+        try:
+            while not self.closing:
+                try:
+                    self.intake_once(sel, waiting)
+                except Exception:  # a bug here must not end the dashboard: said, and the intake goes on
+                    log.exception("dashboard intake failed")
+                    time.sleep(0.25)
+        finally:
+            for sock in list(waiting):
+                self.drop(sel, waiting, sock)
+            while not self.arrived.empty():
+                self.shutdown_request(self.arrived.get_nowait()[0])
+            sel.close()
+            self.wake_r.close()
+            self.wake_w.close()
+
+    def intake_once(self, sel: selectors.BaseSelector, waiting: dict) -> None:
+        """One turn of the intake: read what arrived, take the new connections, close the late ones."""
+        for key, _ in sel.select(timeout=0.25):
+            sock = key.fileobj
+            if sock is self.wake_r:
+                try:
+                    self.wake_r.recv(4096)
+                except OSError:
+                    pass
+            elif sock in waiting:
+                self.read_head(sel, waiting, sock)
+        while True:
+            try:
+                sock, address, deadline = self.arrived.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                sock.setblocking(False)
+                sel.register(sock, selectors.EVENT_READ)
+            except (OSError, ValueError):
+                self.shutdown_request(sock)
+                continue
+            waiting[sock] = (bytearray(), deadline, address)
+            while len(waiting) > MAX_WAITING:
+                self.drop(sel, waiting, next(iter(waiting)))
+        now = time.monotonic()
+        for sock in [sock for sock, (_, deadline, _) in waiting.items() if deadline <= now]:
+            self.drop(sel, waiting, sock)
+
+    def read_head(self, sel: selectors.BaseSelector, waiting: dict, sock: socket.socket) -> None:
+        head, deadline, address = waiting[sock]
+        try:
+            data = sock.recv(8192)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # the client went away
+            self.drop(sel, waiting, sock)
+            return
+        head += data
+        if b"\n\r\n" in head or b"\n\n" in head or len(head) >= MAX_HEAD:  # whole (or too long: the handler says so)
+            sel.unregister(sock)
+            del waiting[sock]
+            self.dispatch(sock, bytes(head), deadline, address)
+
+    def drop(self, sel: selectors.BaseSelector, waiting: dict, sock: socket.socket) -> None:
+        try:
+            sel.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+        waiting.pop(sock, None)
+        self.shutdown_request(sock)
+
+    def dispatch(self, sock: socket.socket, head: bytes, deadline: float, address: Any) -> None:
+        """A thread for a request whose head arrived, under the cap; over it, closed at once."""
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(sock)
+            return
+        self.heads[sock] = (head, deadline)
+        try:
+            threading.Thread(target=self.process_request_thread, args=(sock, address), name="dashboard-request",
+                             daemon=True).start()
+        except RuntimeError:  # no thread to be had: this request goes unanswered, the intake goes on
+            self.heads.pop(sock, None)
+            self.slots.release()
+            self.shutdown_request(sock)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.heads.pop(request, None)
+            self.slots.release()
+
+    def server_close(self) -> None:
+        self.closing = True
+        self.wake()
+        super().server_close()
 
 
 class _Server6(_Server):
     address_family = socket.AF_INET6
+
+
+class _Deadline(io.RawIOBase):
+    """The connection's reading side: first what the intake read, then the socket, failing with TimeoutError
+    at `until` (a socket timeout bounds one read only: a client sending a byte every few seconds passes it)."""
+
+    def __init__(self, sock: socket.socket, head: bytes, until: float, then: float):
+        super().__init__()
+        self.sock, self.head, self.until, self.then = sock, memoryview(head), until, then
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.head:
+            n = min(len(buffer), len(self.head))
+            buffer[:n] = self.head[:n]
+            self.head = self.head[n:]
+            return n
+        left = self.until - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no complete request within {READ_SECONDS:g} s")
+        self.sock.settimeout(left)
+        try:
+            return self.sock.recv_into(buffer)
+        finally:
+            self.sock.settimeout(self.then)  # the reply's writes keep the handler's own timeout
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -210,7 +383,13 @@ class Handler(BaseHTTPRequestHandler):
     server: _Server
     server_version = "rloopd"
     sys_version = ""
-    timeout = 15  # seconds a client may take to send its request
+    timeout = 15  # seconds one read or write may wait (the whole request: READ_SECONDS)
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # the socket's own reader: left open, it would keep the socket open after close()
+        head, until = self.server.heads.get(self.connection, (b"", time.monotonic() + READ_SECONDS))
+        self.rfile = io.BufferedReader(_Deadline(self.connection, head, until, self.timeout))
 
     def do_GET(self) -> None:  # noqa: N802 - the name http.server dispatches to
         self.serve("GET")
@@ -266,7 +445,12 @@ class Handler(BaseHTTPRequestHandler):
             self.json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"a request body is 0 to {MAX_BODY} bytes, with its Content-Length"})
             return
         try:
-            body = json.loads(self.rfile.read(length) or b"{}")
+            raw = self.rfile.read(length)
+        except TimeoutError:  # not whole within READ_SECONDS: hung up on, as for a late request line
+            self.close_connection = True
+            return
+        try:
+            body = json.loads(raw or b"{}")
         except ValueError as e:
             self.json(HTTPStatus.BAD_REQUEST, {"error": f"the body is not JSON: {e}"})
             return
@@ -281,6 +465,8 @@ class Handler(BaseHTTPRequestHandler):
                                                             f"not {', '.join(sorted(extra))}"})
                 return
             args.update({k: v for k, v in body.items() if k in FORK_ARGS and v not in (None, "")})
+        with self.server.dashboard.daemon.open_home() as h:  # an unknown run: 404 (serve), as for a read
+            _run_id(h, run)
         request = body.get("request") or new_id()  # the page sends one per click: a retried click is a no-op
         refused = commands.check_request(action, args, request)  # the control socket's own check, said as a 400
         if refused is not None:

@@ -19,6 +19,8 @@ so the same log always gives the same MLflow run, whichever machine exports it:
 Exporting again adds only the (metric, step) pairs MLflow does not hold yet, sets the tags, and rewrites
 the artifacts under the same names only when the run's head moved; params already there are left alone.
 Every run is resolved and read before the tracking store is touched, so an unknown run writes nothing.
+A store that fails mid-export (a server's error, a locked database) is one line naming the run it was
+writing (TrackerError); what was written stays, and exporting again adds the rest.
 """
 
 from __future__ import annotations
@@ -220,6 +222,11 @@ def _reason(e: Exception) -> str:
     return (text[0] if text else type(e).__name__)[:300]
 
 
+def _failure(e: Exception) -> str:
+    """`_reason`, named by the error's type unless it is MLflow's own (whose messages read as sentences)."""
+    return _reason(e) if type(e).__name__ == "MlflowException" else f"{type(e).__name__}: {_reason(e)}"
+
+
 def sqlite_path(tracking_uri: str) -> Path | None:
     """The database file of a `sqlite:///` store, as MLflow reads the URI (`sqlite:///rel.db` is relative to
     the working directory, `sqlite:////abs.db` absolute); None for any other store or an in-memory one."""
@@ -284,9 +291,22 @@ def export_mlflow(home: Home, refs: list[str], tracking_uri: str, experiment: st
     """
     tracked = [collect(home, run) for run in resolve_runs(home, refs)]
     client = open_mlflow(tracking_uri)
-    exp = experiment_id(client, experiment, tracking_uri)
-    return [write_mlflow(client, exp, home, t) | {"experiment": experiment, "experiment_id": exp}
-            for t in tracked]
+    try:
+        exp = experiment_id(client, experiment, tracking_uri)
+    except RloopdError:
+        raise
+    except Exception as e:  # noqa: BLE001 - MLflow, SQLAlchemy and requests each raise their own
+        raise TrackerError(f"--experiment {experiment}: {_failure(e)}") from e
+    done = []
+    for t in tracked:
+        try:
+            done.append(write_mlflow(client, exp, home, t) | {"experiment": experiment, "experiment_id": exp})
+        except RloopdError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the store failed mid-export (a server's 5xx, a locked database)
+            before = f" ({', '.join(d['run'] for d in done)} exported)" if done else ""
+            raise TrackerError(f"run {t.run}: {_failure(e)}; exporting again resumes{before}") from e
+    return done
 
 
 def write_mlflow(client: Any, exp: str, home: Home, t: TrackedRun) -> dict[str, Any]:

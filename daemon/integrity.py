@@ -12,6 +12,7 @@ running, so the workspace is read and written only by file descriptor (`read_tre
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +21,7 @@ from rloopd.lab import matches
 from rloopd.log import NewEvent
 from rloopd.memory.rundir import CHECKPOINT, frozen_dest, materialize_frozen
 from rloopd.runsocket import SubmitRefused
-from rloopd.snapshots import Snapshots, put_file, read_head, read_tree, tree_bytes
+from rloopd.snapshots import Snapshots, TreeTooLarge, put_file, read_head, read_tree, tree_bytes
 from rloopd.space import RegionError, has_markers, not_constants
 from rloopd.space import check as check_regions
 from rloopd.space import parse as parse_regions
@@ -56,11 +57,15 @@ class WorkspaceGuard:
         cap = self.cfg.disk_mb * MB
         run_dir = self.loop.run_dir
         used = 0
-        for top in (run_dir / "workspace", run_dir / "memory", self.dir / "home", self.dir / "tmp"):
+        try:  # what the agent writes: not the daemon's checkpoint.pt and results.tsv beside its notes
+            used += os.stat(run_dir / "memory" / "notes.md", follow_symlinks=False).st_size
+        except OSError:
+            pass
+        for top in (run_dir / "workspace", run_dir / "memory" / "artifacts", self.dir / "home", self.dir / "tmp"):
             used += tree_bytes(top, stop_at=cap - used)
             if used > cap:
                 return (f"the session's files passed [agent] disk_mb = {self.cfg.disk_mb} "
-                        f"(workspace/, memory/, its HOME and tmp): the session was ended")
+                        f"(workspace/, notes.md, artifacts/, its HOME and tmp): the session was ended")
         return None
 
     def check_workspace_size(self) -> None:
@@ -70,6 +75,15 @@ class WorkspaceGuard:
         if used > cap:
             raise SubmitRefused(f"workspace/ holds more than [agent] workspace_mb = {self.cfg.workspace_mb} MB "
                                 f"(.git included): remove what the experiment does not need, then submit again")
+
+    def read_workspace(self, workspace: Path) -> dict[str, tuple[str, bytes]]:
+        """The workspace's files, read no further than `workspace_mb` in all: a live process may grow a file
+        after `check_workspace_size` looked, and the daemon must not read what it writes without end."""
+        try:
+            return read_tree(workspace, max_bytes=self.cfg.workspace_mb * MB)
+        except TreeTooLarge:
+            raise SubmitRefused(f"workspace/ grew past [agent] workspace_mb = {self.cfg.workspace_mb} MB while "
+                                f"the daemon read it: remove what the experiment does not need") from None
 
     def reset_oversized_workspace(self) -> None:
         """At a session's end, a workspace above `workspace_mb` goes back to the best commit whole (an agent's
@@ -91,7 +105,9 @@ class WorkspaceGuard:
         if found is None or found[0] == "120000":
             return found
         cap = int(self.cfg.notes_mb * MB)
-        data = read_head(memory, "notes.md", cap + 1) or b""
+        data = read_head(memory, "notes.md", cap + 1)
+        if data is None:
+            return None  # swapped for a link or removed since: nothing to capture this time
         if len(data) > cap:
             data = data[:cap]
             put_file(memory, "notes.md", data, uid=self.uid)
@@ -106,7 +122,7 @@ class WorkspaceGuard:
         snapshot reads it: whatever it did, the experiment never runs on it (and it is recorded)."""
         loop, snaps = self.loop, self.home.snapshots
         best = loop.state.best_commit or loop.state.base_commit
-        files, recorded = read_tree(workspace), snaps.ls(best)
+        files, recorded = self.read_workspace(workspace), snaps.ls(best)
         narrowed = self.outside_regions(best, files)  # region-bound files take the best commit's fixed parts
         for rel, (_, data) in narrowed.items():
             if data is None:
@@ -134,7 +150,7 @@ class WorkspaceGuard:
         workspace = loop.run_dir / "workspace"
         best = loop.state.best_commit or loop.state.base_commit
         recorded = self.home.snapshots.ls(best)
-        current = read_tree(workspace)
+        current = self.read_workspace(workspace)
         outside = []
         for rel in sorted(set(recorded) | set(current)):
             if matches(loop.lab.editable, f"workspace/{rel}"):

@@ -7,7 +7,9 @@ Projections (the experiments table, the run directory) catch up after every deci
 a run that has an attempt started but not finished records it as `interrupted` and starts the same step
 and replica again as the next attempt, so a crashed process costs at most the experiment in flight. An
 executor that loses the experiment itself (`opts.execute`: a Ray node that died, daemon/ray_executor.py)
-returns it as `interrupted`, and the loop does the same at once: closed, then started again.
+returns it as `interrupted` with `Outcome.lost`, and the loop does the same at once: closed, then started
+again (LOST_LIMIT times in a row at most; a stop in between opens no new attempt). Only `lost` re-runs: a
+judge cannot ask for one (the runner records a judge's `interrupted` as `crashed`).
 
 Under `accept = "rerun:K"` a candidate whose first run (replica 0) beats the best is run again as replicas
 1..K of its step, with other seeds, before its decision (`confirm`); the decision records the mean and each
@@ -175,11 +177,12 @@ class Loop:
     def finish_run(self, reason: str) -> None:
         """The run's end: recorded, and its workspace put at the best commit (an agent's change that a
         closing window left unsubmitted never ran, so the finished run's directory shows what the log says)."""
+        runs.restore_workspace(self.home, self.state, self.run_dir / "workspace")  # first: a crash between
+        # the two leaves a running run, which its recovery puts back anyway
         self.append(NewEvent("run.finished", {"reason": reason, "best": self.state.best,
                                               "best_step": self.state.best_step, "best_commit": self.state.best_commit}))
         if self.sessions is not None:
             self.sessions.clean(home_too=True)
-        runs.restore_workspace(self.home, self.state, self.run_dir / "workspace")
 
     def interrupted(self) -> None:
         """Record why the loop ended early; a daemon shutdown records nothing, so the run resumes."""
@@ -268,9 +271,10 @@ class Loop:
             self.append(NewEvent("experiment.finished", {
                 "step": step, "replica": replica, "attempt": attempt, "status": "interrupted", "metrics": {}}))
             raise
-        if outcome.status == "interrupted" and lost + 1 < LOST_LIMIT:
-            # The executor lost it (a Ray node or worker died; the judge said so): closed as interrupted and
-            # started again at once as the next attempt, as a restarted daemon would, but without a restart.
+        if outcome.lost and lost + 1 < LOST_LIMIT:
+            # The executor lost it (a Ray node or worker died; never what a judge reports: runner.py): closed
+            # as interrupted and started again at once as the next attempt, as a restarted daemon would, but
+            # without a restart; a stop that came meanwhile opens no new attempt (the run's retry resumes it).
             self.append(NewEvent("experiment.finished", {
                 "step": step, "replica": replica, "attempt": attempt, "status": "interrupted", "metrics": {},
                 "log_blob": self.home.blobs.put(self.redact(outcome.log)), "wall_seconds": round(outcome.wall_seconds, 3),
@@ -278,10 +282,14 @@ class Loop:
                    if outcome.reason else {})}))
             if outcome.workdir is not None:
                 shutil.rmtree(outcome.workdir, ignore_errors=True)
+            if self.stop.is_set():
+                raise Interrupted("stopped after a lost experiment")
             return self.run_attempt(step, attempt + 1, commit, description, category, params, diff, env,
                                     replica=replica, extra=extra, lost=lost + 1)
-        if outcome.status == "interrupted":  # lost every time: counted, so that the run moves on
+        if outcome.lost:  # lost every time: counted, so that the run moves on
             outcome.status, outcome.reason = "crashed", f"lost {LOST_LIMIT} times in a row; last: {outcome.reason or 'no reason'}"
+        elif outcome.status == "interrupted":  # an executor that says interrupted without losing it: not re-run
+            outcome.status, outcome.reason = "crashed", outcome.reason or "the executor reported `interrupted`"
         self.finish(step, attempt, commit, outcome, replica=replica, env=env)
 
     def started_data(self, step: int, replica: int, attempt: int | None = None) -> dict | None:

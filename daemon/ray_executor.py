@@ -24,14 +24,18 @@ a cluster without GPUs) and sets CUDA_VISIBLE_DEVICES; the slots' names are not 
 leave are seen at the next daemon start: until then, tasks beyond what the cluster holds wait inside Ray
 (their window clock runs), and capacity beyond the pool stays idle.
 
-Failures: a worker or node that dies, an object lost with it, or the connection to the cluster failing:
-`interrupted`, which the loop records and runs again as the next attempt; each loss in a row waits longer
-before the next task is submitted (1 s, doubling to 60 s), so a cluster that is down is not hammered.
-Ray's memory monitor killing the task: `oom`. Anything raised on the node (rloopd or a dependency missing
-there, a sandbox it cannot build): `crashed`, with the reason. A lab asking for more GPUs than any live node
-has: `crashed` at once, instead of a task that would wait forever. A stop (pause, stop, window, shutdown)
-cancels the task: KeyboardInterrupt in it, on which the runner kills the judge's process group; after
-CANCEL_GRACE the worker is killed.
+Failures: a worker or node that dies, an object lost with it, the connection to the cluster failing (while
+the task runs or while it is submitted: the node list, the object puts, the submission itself), or no live
+node with the lab's GPUs just now (one rebooting): `interrupted` with `Outcome.lost` set, which the loop
+records and runs again as the next attempt; each loss in a row waits longer before the next task is
+submitted (1 s, doubling to 60 s), so a cluster that is down is not hammered. Ray's memory monitor killing
+the task: `oom`. Anything raised on the node (rloopd or a dependency missing there, a sandbox it cannot
+build): `crashed`, with the reason. A lab asking for more GPUs than the largest node this executor has seen
+(at connect, or since): `crashed` at once, instead of a task that would wait forever. The head's own disk
+or database full while the outcome is written (the model, say): the storage error is raised, not an
+outcome, so that the daemon stalls the run until there is space (service.storage_full), as for a local
+run. A stop (pause, stop, window, shutdown) cancels the task: KeyboardInterrupt in it, on which the runner
+kills the judge's process group; after CANCEL_GRACE the worker is killed.
 """
 
 from __future__ import annotations
@@ -141,6 +145,7 @@ class RayExecutor:
         self.lock = threading.Lock()
         self.labs: dict[Path, Any] = {}  # judge copy -> ObjectRef of its archive
         self.losses = 0  # tasks lost in a row (see run)
+        self.largest = self.largest_node()  # GPUs of the largest node seen (at connect, or since)
         self.authenticated = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
 
     def slots(self) -> tuple[str, list[str]]:
@@ -163,26 +168,45 @@ class RayExecutor:
         if losses and stop.wait(min(MAX_BACKOFF, 2.0 ** (losses - 1))):
             raise Interrupted("stopped")
         gpus = spec.gpus if self.gpus else 0
-        most = self.largest_node() if gpus else 0
-        if gpus > most:
-            return Outcome("crashed", {}, b"", 0.0, reason=f"the lab asks for {gpus} GPUs per experiment and no "
-                           f"live node of the Ray cluster has more than {most}")
-        warm = self.ray.put(exp.warm_start.read_bytes()) if exp.warm_start is not None else None
-        payload = {"command": spec.command, "budget": exp.budget, "timeout": exp.timeout, "seed": exp.seed,
-                   "secrets": exp.secrets, "extra_args": exp.extra_args, "sandbox": spec.sandbox, "uid": spec.uid,
-                   "gpus": gpus, "label": spec.label,
-                   "env": {k: v for k, v in exp.env.items() if k != "CUDA_VISIBLE_DEVICES"}}  # Ray sets it
-        task = self.task.options(num_gpus=gpus, num_cpus=1, max_retries=0, retry_exceptions=False,
-                                 name=f"rloopd-{spec.label}")
-        ref = task.remote(payload, self.lab_archive(spec.lab), self.ray.put(pack(exp.workspace)), warm)
+        submitted = False
         try:
+            if gpus:
+                now = self.largest_node()
+                with self.lock:
+                    self.largest = most = max(self.largest, now)
+                if gpus > most:
+                    return self.count(Outcome("crashed", {}, b"", 0.0, reason=f"the lab asks for {gpus} GPUs per "
+                                              f"experiment and no node of the Ray cluster has had more than {most}"))
+                if gpus > now:  # a node rebooting, say: lost for now, tried again after the backoff
+                    outcome = Outcome("interrupted", {}, b"", 0.0, lost=True, reason=f"no live node of the Ray "
+                                      f"cluster has {gpus} GPUs just now (the largest has {now}; {most} seen before)")
+                    return self.count(outcome)
+            warm = self.ray.put(exp.warm_start.read_bytes()) if exp.warm_start is not None else None
+            payload = {"command": spec.command, "budget": exp.budget, "timeout": exp.timeout, "seed": exp.seed,
+                       "secrets": exp.secrets, "extra_args": exp.extra_args, "sandbox": spec.sandbox,
+                       "uid": spec.uid, "gpus": gpus, "label": spec.label,
+                       "env": {k: v for k, v in exp.env.items() if k != "CUDA_VISIBLE_DEVICES"}}  # Ray sets it
+            task = self.task.options(num_gpus=gpus, num_cpus=1, max_retries=0, retry_exceptions=False,
+                                     name=f"rloopd-{spec.label}")
+            ref = task.remote(payload, self.lab_archive(spec.lab), self.ray.put(pack(exp.workspace)), warm)
+            submitted = True
             outcome = self.outcome(exp, self.wait(ref, stop))
         except Interrupted:
             raise
         except Exception as e:  # noqa: BLE001 - every failure of the cluster is classified, none kills the run
-            outcome = self.failed(e)
+            if not isinstance(e, getattr(self.ray.exceptions, "RayError", ())) and _storage_full(e):
+                raise  # the head's own disk or database (not a node's): the daemon stalls the run until there is space
+            outcome = self.failed(e) if submitted else Outcome(
+                "interrupted", {}, b"", 0.0, lost=True,
+                reason=f"lost on the Ray cluster before the task started ({type(e).__name__}): {_first_line(e)}")
+        return self.count(outcome)
+
+    def count(self, outcome: Outcome) -> Outcome:
+        """`outcome`, after counting the losses in a row (the backoff before the next submission)."""
         with self.lock:
-            self.losses = self.losses + 1 if outcome.status == "interrupted" else 0
+            self.losses = self.losses + 1 if outcome.lost else 0
+            if outcome.lost:  # the labs' objects may have gone with the connection: put again at the next task
+                self.labs.clear()
         return outcome
 
     def lab_archive(self, lab: Path) -> Any:
@@ -219,7 +243,11 @@ class RayExecutor:
         model = None
         if result.get("model") is not None:
             model = work / "model.pt"
-            model.write_bytes(result["model"])
+            try:
+                model.write_bytes(result["model"])
+            except BaseException:  # a full disk, say: nothing half-written is left behind
+                shutil.rmtree(work, ignore_errors=True)
+                raise
         return Outcome(result["status"], result["metrics"], result["log"], result["wall"], model,
                        result.get("reason"), work, result.get("warm_started"))
 
@@ -229,7 +257,7 @@ class RayExecutor:
             return Outcome("oom", {}, b"", 0.0, reason=f"Ray's memory monitor killed the task: {_first_line(e)}")
         lost = (ConnectionError, *(getattr(x, name) for name in LOST if hasattr(x, name)))
         if isinstance(e, lost):
-            return Outcome("interrupted", {}, b"", 0.0,
+            return Outcome("interrupted", {}, b"", 0.0, lost=True,
                            reason=f"lost on the Ray cluster ({type(e).__name__}): {_first_line(e)}")
         # a RayTaskError's text ends with the line of what was raised on the node (a missing module, say)
         what = _last_line(e) if isinstance(e, x.RayTaskError) else f"{type(e).__name__}: {_last_line(e)}"
@@ -335,6 +363,13 @@ def unpack(data: bytes, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
         tar.extractall(dest, filter="data")
+
+
+def _storage_full(e: BaseException) -> bool:
+    """Whether `e` says the head's disk or database is full (imported here: service imports the loop)."""
+    from rloopd.service import storage_full
+
+    return storage_full(e) is not None
 
 
 def _first_line(e: BaseException) -> str:

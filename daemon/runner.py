@@ -66,6 +66,8 @@ class Outcome:
     reason: str | None = None
     workdir: Path | None = None  # the judge's private directory; the caller removes it when done
     warm_started: bool | None = None  # train(ctx) loaded the offered checkpoint (None: none was offered)
+    lost: bool = False  # the executor lost the experiment (a Ray node or worker died): the loop runs it again.
+    # Set only by an executor (daemon/ray_executor.py), never from what the judge reports.
 
 
 class Interrupted(Exception):
@@ -142,6 +144,10 @@ def run_experiment(exp: Experiment, stop: threading.Event | None = None) -> Outc
     if status not in STATUSES:
         return Outcome("crashed", {}, log, wall, reason=f"the judge reported an unknown status {status!r}",
                        workdir=work)
+    if status == "interrupted":  # the daemon's word for an experiment it ended or lost; the judge's code may
+        # be the agent's (the instant lab's train.py chooses its status), so it re-runs nothing
+        return Outcome("crashed", {}, log, wall, reason="the judge reported `interrupted`, a status only the daemon "
+                       "records", workdir=work)
     metrics = {k: v for k, v in result.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("schema", "seed")}
     model = work / "model.pt"
@@ -149,9 +155,17 @@ def run_experiment(exp: Experiment, stop: threading.Event | None = None) -> Outc
     return Outcome(status, metrics, log, wall, model if model.exists() else None, result.get("reason"), work, warm)
 
 
-def _read(path: Path) -> bytes:
+def _read(path: Path, cap: int = 8 << 20) -> bytes:
+    """A log as the daemon keeps it: whole up to `cap`, else its first and last halves of `cap` (training
+    code prints what it likes, and the daemon must not read or store gigabytes of it)."""
     try:
-        return path.read_bytes()
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size <= cap:
+                return f.read(cap)
+            head = f.read(cap // 2)
+            f.seek(size - cap // 2)
+            return head + f"\n[rloopd: {size - cap} bytes of the log not kept]\n".encode() + f.read(cap // 2)
     except OSError:
         return b""
 

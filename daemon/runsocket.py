@@ -63,7 +63,7 @@ class RunSocket:
             def handle(self) -> None:
                 self.request.settimeout(CLIENT_SILENCE)
                 try:
-                    msg = read_message(self.request)
+                    msg = read_message(self.request, within=CLIENT_SILENCE)
                 except (OSError, ValueError) as e:
                     reply = {"ok": False, "error": f"bad request: {e}", "exit_code": 2}
                 else:

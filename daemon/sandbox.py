@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rloopd.errors import RloopdError
+from rloopd.fstree import walk
 
 UID_RANGE = (61000, 61999)  # the uids runs are given, one each, lowest free first
 KINDS = ("auto", "bwrap", "setpriv", "none")
@@ -104,7 +105,7 @@ def training_sandbox(uid: int | None, *, hide: list[Path], scratch: Path | None 
     if kind == "none" or (kind == "setpriv" and uid is None):
         return Sandbox("none", [], None)
     if kind == "setpriv":
-        return Sandbox("setpriv", _drop_to(uid), uid)
+        return Sandbox("setpriv", _training_limits() + _drop_to(uid), uid)
     args = [shutil.which("bwrap") or "bwrap", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
             "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
     if root:  # kept only for setpriv's switch to the run's uid, which then drops them for good
@@ -127,7 +128,16 @@ def training_sandbox(uid: int | None, *, hide: list[Path], scratch: Path | None 
             if _within(k, d) and k != d:
                 args += _reexpose(k, d)
     args += ["--bind", "{base}", "{base}", "--chdir", "{base}", "--"]
-    return Sandbox("bwrap", args + (_drop_to(uid) if uid else []), uid)
+    return Sandbox("bwrap", args + (_training_limits() + _drop_to(uid) if uid else []), uid)
+
+
+TRAINING_PROCESSES = 4096  # RLIMIT_NPROC of a run's uid while it trains: threads count (torch, data loaders)
+
+
+def _training_limits() -> list[str]:
+    """A fork bomb in train.py stops at TRAINING_PROCESSES (the run's uid alone: as root, before the switch)."""
+    return [shutil.which("prlimit") or "prlimit", f"--nproc={TRAINING_PROCESSES}", "--"] if shutil.which("prlimit") \
+        else []
 
 
 @dataclass(frozen=True)
@@ -211,8 +221,8 @@ def give_to(uid: int | None, *paths: Path) -> None:
     """Make the agent's writable paths its own uid's (as root; the daemon writes them as root).
 
     The agent's processes may still run, so a directory may be swapped for a symlink while this walks:
-    every chown is made relative to an open directory (`os.fwalk`) and never follows a link, so it cannot
-    be steered outside the tree.
+    every chown is made relative to an open directory (`fstree.walk`) and never follows a link, so it
+    cannot be steered outside the tree.
     """
     if uid is None or os.geteuid() != 0:
         return
@@ -223,8 +233,8 @@ def give_to(uid: int | None, *paths: Path) -> None:
             continue
         if not top.is_dir() or top.is_symlink():
             continue
-        for _, dirnames, filenames, dirfd in os.fwalk(top, follow_symlinks=False):
-            for name in dirnames + filenames:
+        for _, dirfd, _ in walk(top):
+            for name in os.listdir(dirfd):  # its directories and the rest
                 try:
                     os.chown(name, uid, uid, dir_fd=dirfd, follow_symlinks=False)
                 except FileNotFoundError:

@@ -299,7 +299,7 @@ class Daemon:
             def handle(self) -> None:
                 self.request.settimeout(control.CLIENT_SILENCE)
                 try:
-                    msg = control.read_message(self.request)
+                    msg = control.read_message(self.request, within=control.CLIENT_SILENCE)
                 except (OSError, ValueError) as e:  # silent, oversized or malformed: answer and hang up
                     try:
                         control.write_message(self.request, {"ok": False, "error": f"bad request: {e}"})

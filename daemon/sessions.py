@@ -29,6 +29,7 @@ import shlex
 import shutil
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,7 @@ from rloopd.agents.cli import parse_cli
 from rloopd.agents.cmd import DEFAULT_PROMPT, parse_cmd, render_prompt
 from rloopd.agents.streams import Act, StreamParser
 from rloopd.categories import classify
+from rloopd.fstree import open_dir, remove, walk
 from rloopd.inherit import for_agent as memory_for_agent
 from rloopd.integrity import WorkspaceGuard
 from rloopd.lab import space_for_agent
@@ -310,8 +312,14 @@ class SessionDriver(WorkspaceGuard):
     def clean(self, home_too: bool) -> None:
         """Remove what the agent left in its temporary directory (each session) and its HOME (when the run
         finishes): it may hold what the agent wrote about its credentials, and is in no projection."""
-        for d in ("tmp", "home") if home_too else ("tmp",):
-            shutil.rmtree(self.dir / d, ignore_errors=True)  # by file descriptor: links are not followed
+        top = open_dir(self.dir)
+        if top is None:
+            return
+        try:
+            for d in ("tmp", "home") if home_too else ("tmp",):
+                remove(top, d)  # by file descriptor: links are not followed
+        finally:
+            os.close(top)
 
     def recorded_program(self) -> Path | None:
         """The agent's script as recorded on run.created (`agent_files`), written read-only into the
@@ -338,12 +346,16 @@ class SessionDriver(WorkspaceGuard):
 
     def _watch(self, end: threading.Event, reason: dict[str, str], done: threading.Event) -> None:
         """End the live session when the run is stopped, its window closes (not mid-experiment) or its files
-        pass `[agent] disk_mb` (measured every 0.1 s)."""
+        pass `[agent] disk_mb` (measured every 0.1 s, less often where a walk takes long)."""
+        next_look = 0.0
         while not done.wait(0.1):
-            if (why := self.over_disk()) is not None:
-                reason.update(why="disk-cap", detail=why)
-                end.set()
-                return
+            if (now := time.monotonic()) >= next_look:
+                why = self.over_disk()
+                next_look = now + max(0.0, 10 * (time.monotonic() - now))  # a big tree: at most a tenth of a core
+                if why is not None:
+                    reason.update(why="disk-cap", detail=why)
+                    end.set()
+                    return
             if self.loop.stop.is_set():
                 reason["why"] = self.loop.stop.reason
                 end.set()
@@ -570,14 +582,9 @@ class SessionDriver(WorkspaceGuard):
     @staticmethod
     def _artifact_sizes(artifacts: Path) -> dict[str, int]:
         sizes = {}
-        for dirpath, _dirs, files, dirfd in os.fwalk(artifacts, follow_symlinks=False):
-            rel_dir = os.path.relpath(dirpath, artifacts)
-            for name in files:
-                try:
-                    size = os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_size
-                except OSError:
-                    continue
-                sizes[name if rel_dir == "." else f"{rel_dir}/{name}"] = size
+        for rel_dir, _, others in walk(artifacts):
+            for name, st in others:
+                sizes[name if rel_dir == "." else f"{rel_dir}/{name}"] = st.st_size
         return sizes
 
 def diff_summaries(diff: str) -> list[str]:

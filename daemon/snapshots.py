@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from rloopd.errors import RloopdError
+from rloopd.fstree import TreeTooDeep, remove, walk
 
 SKIP_DIRS = {".git", "__pycache__"}
 SKIP_SUFFIXES = (".pyc",)
@@ -37,6 +38,10 @@ _SAFE = ["-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "
          "-c", "gc.auto=0"]
 
 
+class TreeTooLarge(RloopdError):
+    """A tree holds more bytes than the reader may take (read_tree's `max_bytes`)."""
+
+
 class SnapshotError(RloopdError):
     """A git operation on the home's snapshot repository failed."""
 
@@ -46,17 +51,20 @@ def workspace_files(root: Path) -> list[str]:
     return sorted(read_tree(root, contents=False))
 
 
-def read_tree(root: Path, *, contents: bool = True, only: str | None = None) -> dict[str, tuple[str, bytes]]:
+def read_tree(root: Path, *, contents: bool = True, only: str | None = None,
+              max_bytes: int | None = None) -> dict[str, tuple[str, bytes]]:
     """{relative path: (git mode, bytes)} for the regular files and symlinks under `root` (a symlink's bytes
     are its target), skipping `.git`, `__pycache__` and `*.pyc`; with `contents=False` the bytes are empty;
-    with `only`, just that one entry of `root` itself (nothing if it is missing or not a file or link).
+    with `only`, just that one entry of `root` itself (nothing if it is missing or not a file or link); past
+    `max_bytes` read in all, TreeTooLarge (a live process may grow a file after a size check).
 
     An agent's processes may still run while the daemon (root) reads its workspace, and may swap a file or
     a directory for a symlink to a file only root can read. Every step is therefore taken relative to an
-    open directory (`os.fwalk`) and every file is opened with O_NOFOLLOW and checked with fstat, so what is
+    open directory (`fstree.walk`) and every file is opened with O_NOFOLLOW and checked with fstat, so what is
     read is always the tree's own entry: a link is recorded as a link, never followed.
     """
     found: dict[str, tuple[str, bytes]] = {}
+    budget = max_bytes
     if only is not None:
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
@@ -64,44 +72,35 @@ def read_tree(root: Path, *, contents: bool = True, only: str | None = None) -> 
         finally:
             os.close(fd)
         return {only: entry} if entry is not None else {}
-    for dirpath, dirnames, filenames, dirfd in os.fwalk(root, follow_symlinks=False):
-        rel_dir = os.path.relpath(dirpath, root)
-        keep = []
-        for name in sorted(dirnames):
-            try:
-                st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISLNK(st.st_mode):
-                filenames.append(name)  # a symlink to a directory is stored as a link, not followed
-            elif name not in SKIP_DIRS:
-                keep.append(name)
-        dirnames[:] = keep
-        for name in filenames:
+    for rel_dir, dirfd, others in walk(root, skip_dirs=frozenset(SKIP_DIRS)):
+        for name, _ in others:  # a symlink to a directory is among them: stored as a link, never followed
             if name.endswith(SKIP_SUFFIXES) or name in SKIP_DIRS:
                 continue
             rel = name if rel_dir == "." else f"{rel_dir}/{name}"
             entry = _read_entry(dirfd, name, contents)
             if entry is not None:
                 found[rel] = entry
+                if budget is not None:
+                    budget -= len(entry[1])
+                    if budget < 0:
+                        raise TreeTooLarge(f"{root}: more than {max_bytes} bytes")
     return found
 
 
 def tree_bytes(root: Path, stop_at: int | None = None) -> int:
-    """Bytes held by the regular files under `root`, everything counted (`.git` too), no link followed; the
-    count stops once it passes `stop_at`. What a session's disk cap measures (daemon/integrity.py)."""
+    """Bytes held by the regular files under `root`, everything counted (`.git` too), no link followed; every
+    entry counts at least one block (4 KiB), so a million empty files are not free; the count stops once it
+    passes `stop_at`, and a tree too deep to walk counts as past it. What a session's disk cap measures."""
     total = 0
     try:
-        for _, _, filenames, dirfd in os.fwalk(root, follow_symlinks=False):
-            for name in filenames:
-                try:
-                    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
-                except OSError:
-                    continue
-                if stat.S_ISREG(st.st_mode):
-                    total += max(st.st_size, st.st_blocks * 512)
+        for _, _, others in walk(root):
+            for _, st in others:
+                total += max(st.st_size, st.st_blocks * 512, 4096) if stat.S_ISREG(st.st_mode) else 4096
+            total += 4096  # the directory itself
             if stop_at is not None and total > stop_at:
                 break
+    except TreeTooDeep:
+        return (stop_at or 0) + 1
     except OSError:
         pass
     return total
@@ -135,7 +134,12 @@ def _read_entry(dirfd: int, name: str, contents: bool) -> tuple[str, bytes] | No
     try:
         st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
         if stat.S_ISLNK(st.st_mode):
-            return "120000", os.readlink(name, dir_fd=dirfd).encode() if contents else b""
+            try:
+                return "120000", os.readlink(name, dir_fd=dirfd).encode() if contents else b""
+            except OSError as e:
+                if e.errno in (errno.EINVAL, errno.ENOENT):
+                    return None  # swapped for a file or a directory since the stat: the tree is being changed
+                raise
         if not stat.S_ISREG(st.st_mode):
             return None  # a fifo, socket or device is not part of a snapshot
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dirfd)
@@ -230,7 +234,7 @@ def _remove_entry(fd: int, name: str) -> None:
     except FileNotFoundError:
         return
     if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(name, dir_fd=fd)  # by file descriptor: links inside are removed, not followed
+        remove(fd, name)  # by file descriptor, never following a link (shutil.rmtree's open would)
     else:
         os.unlink(name, dir_fd=fd)
 

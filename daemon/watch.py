@@ -21,6 +21,7 @@ from rloopd.log import NewEvent
 from rloopd.memory.rundir import write_atomic
 
 log = structlog.get_logger("rloopd.watch")
+MAX_PROGRAM = 16 << 20  # bytes of program.md taken (a link to /dev/zero must not fill the daemon's memory)
 
 
 class ProgramWatcher(threading.Thread):
@@ -56,12 +57,17 @@ class ProgramWatcher(threading.Thread):
         self.retry = False
         for path, runs in files.items():
             try:
-                text = path.read_bytes()
+                with open(path, "rb") as f:
+                    text = f.read(MAX_PROGRAM + 1)
             except OSError as e:
-                self.warn(home, runs, path, f"program file {path} cannot be read ({e.strerror}); "
-                                            "the version in force stays")
-                continue
+                text, why = None, f"program file {path} cannot be read ({e.strerror}); the version in force stays"
+            else:
+                why = f"program file {path} is over {MAX_PROGRAM >> 20} MiB; the version in force stays" \
+                    if len(text) > MAX_PROGRAM else None
             try:
+                if why is not None:
+                    self.warn(home, runs, path, why)
+                    continue
                 blob = home.blobs.put(text)
                 for run in runs:
                     self.record(home, run, path, blob)
@@ -82,6 +88,6 @@ class ProgramWatcher(threading.Thread):
     def warn(self, home: Home, runs: list[str], path: Path, message: str) -> None:
         for run in runs:
             if (run, message) not in self.warned:
-                self.warned.add((run, message))
                 home.log.append(run, [NewEvent("run.warned", {"about": "program", "message": message})])
+                self.warned.add((run, message))  # once recorded: a failed append is tried again
                 log.warning("program unreadable", run=run, path=str(path))

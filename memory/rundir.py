@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rloopd.blobs import BlobStore
+from rloopd.fstree import prune_empty
 from rloopd.log import Event
 from rloopd.snapshots import put_file, read_tree
 
@@ -171,12 +172,7 @@ def project_memory(run_dir: Path, mem: MemoryFiles, blobs: BlobStore, results_ts
             if f"artifacts/{rel}" not in keep:
                 put_file(memory, f"artifacts/{rel}", None)
                 written.pop(str(artifacts / rel), None)
-        for _, dirnames, _files, dirfd in os.fwalk(artifacts, topdown=False, follow_symlinks=False):
-            for name in dirnames:
-                try:
-                    os.rmdir(name, dir_fd=dirfd)  # only empty ones go
-                except OSError:
-                    pass
+        prune_empty(artifacts)
     for path in memory.iterdir():
         if path.name != "artifacts" and path.name not in keep and (path.is_file() or path.is_symlink()):
             path.unlink()

@@ -8,19 +8,25 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import stat
+import threading
+import time
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from rloopd import commands, runs
+from rloopd import commands, control, dashboard, runs
+from rloopd.agents import random_search
 from rloopd.config import DaemonConfig
 from rloopd.dashboard import Dashboard
 from rloopd.errors import DaemonError
 from rloopd.home import Home
+from rloopd.loop import Loop
 from rloopd.service import Daemon
 from rloopd.slots import SlotPool
 
@@ -76,9 +82,86 @@ def test_a_fork_from_a_missing_step_is_refused_naming_it(quick):
     status, body = http(f"{url}api/runs/{run}/fork", token, body={"step": "1"})
     assert status == 400 and "'step' must be an integer" in json.loads(body)["error"]
     assert http(f"{url}api/runs/{run}/steps/99", token)[0] == 404
+    for action in ("pause", "resume", "stop", "fork"):  # an unknown run: 404, as the README says
+        status, body = http(f"{url}api/runs/nosuch/{action}", token, body={"step": 0} if action == "fork" else {})
+        assert status == 404 and "no run or stream named 'nosuch'" in json.loads(body)["error"], (action, body)
+    assert http(f"{url}api/runs/home/pause", token, body={})[0] == 404
     with Home.open(home, create=False) as h:
         assert [e.stream for e in h.log.runs()] == [run], "nothing half-written"
     assert http(f"{url}api/overview", token)[0] == 200, "the dashboard keeps serving"
+
+
+def test_idle_connections_hold_no_thread_and_the_daemon_answers(quick):
+    """100 connections that send nothing cost no thread: a request with the token and the control socket
+    still answer at once."""
+    board, run = quick
+    control_server = board.daemon.serve_socket()
+    before = threading.active_count()
+    idle = []
+    try:
+        for _ in range(100):
+            idle.append(socket.create_connection(board.server.server_address[:2], timeout=5))
+        t0 = time.monotonic()
+        status, body = http(f"{board.url}api/overview", board.token)
+        assert status == 200 and [r["run_id"] for r in json.loads(body)["runs"]] == [run]
+        assert control.call(board.daemon.home_path, "status", timeout=5)["runs"] == {}
+        assert time.monotonic() - t0 < 5
+        assert threading.active_count() - before < 5, "a thread per idle connection"
+    finally:
+        for s in idle:
+            s.close()
+        control_server.shutdown()
+        control_server.server_close()
+
+
+def closed(s: socket.socket, within: float) -> bool:
+    """Whether the server hung up on `s` (without a byte of answer) within `within` seconds."""
+    s.settimeout(within)  # 0: a look, no wait
+    try:
+        return s.recv(100) == b""
+    except ConnectionResetError:
+        return True
+    except (TimeoutError, BlockingIOError):
+        return False
+
+
+def test_a_request_sent_a_byte_at_a_time_meets_the_deadline(quick, monkeypatch):
+    board, _ = quick
+    monkeypatch.setattr(dashboard, "READ_SECONDS", 0.5)
+    with socket.create_connection(board.server.server_address[:2], timeout=5) as s:
+        t0 = time.monotonic()
+        for b in b"GET /api/overview HTTP/1.0\r\n" + b"X-Slow: y\r\n" * 40:  # far past the deadline
+            try:
+                s.sendall(bytes([b]))
+            except OSError:
+                break
+            if closed(s, 0.02):
+                break
+        assert closed(s, 3) and time.monotonic() - t0 < 3, "hung up on at the deadline, unanswered"
+
+
+def test_requests_over_the_cap_are_closed_at_once(quick, monkeypatch):
+    """Requests whose bodies never come hold their threads until the deadline; those over the cap are closed
+    at once, and nothing is recorded."""
+    board, run = quick
+    monkeypatch.setattr(dashboard, "READ_SECONDS", 1.5)
+    n = dashboard.MAX_CONNECTIONS + 8
+    head = (f"POST /api/runs/{run}/pause HTTP/1.0\r\nAuthorization: Bearer {board.token}\r\n"
+            "Content-Length: 10\r\n\r\n").encode()
+    conns = [socket.create_connection(board.server.server_address[:2], timeout=5) for _ in range(n)]
+    try:
+        for s in conns:
+            s.sendall(head)
+        t0 = time.monotonic()
+        time.sleep(0.5)
+        at_once = select.select(conns, [], [], 0)[0]
+        assert len(at_once) == 8 and all(closed(s, 0) for s in at_once) and time.monotonic() - t0 < 1.4
+        assert all(closed(s, 3) for s in conns if s not in at_once) and time.monotonic() - t0 < 4
+    finally:
+        for s in conns:
+            s.close()
+    assert not events(board.daemon.home_path, run, "run.paused")
+    assert http(f"{board.url}api/overview", board.token)[0] == 200
 
 
 @pytest.fixture(scope="module")
@@ -139,10 +222,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+XSS = "<img src=x onerror=alert(1)></script><script>alert(2)</script>"
+
+
+def marked_run(home_dir: Path, tmp: Path, monkeypatch) -> str:
+    """A finished run whose step 1 description and notes.md are markup an agent might write."""
+    original = random_search.propose
+    monkeypatch.setattr(random_search, "propose", lambda *a: replace(original(*a), description=XSS))
+    with Home.open(home_dir) as h:
+        run = runs.create_run(h, make_lab(tmp, "xss-lab"), agent="random", experiments=1, budget=None, seed=0,
+                              name="markup")
+        Loop(h, run).run()
+        h.log.append_one(run, "memory.written", {"path": "notes.md", "blob": h.blobs.put(XSS.encode()), "session": 1})
+    monkeypatch.undo()
+    return run
+
+
 @pytest.mark.extended
-def test_the_page_in_chromium_pauses_forks_and_stops(tmp_path):
+def test_the_page_in_chromium_pauses_forks_and_stops(tmp_path, monkeypatch):
     exe = need_tool("chromium")
     port = free_port()
+    markup = marked_run(tmp_path / "home", tmp_path, monkeypatch)
     d = Served(tmp_path / "home", "--http", f"127.0.0.1:{port}", "--cpu-slots", "2").start()
     try:
         home = d.home
@@ -151,6 +251,13 @@ def test_the_page_in_chromium_pauses_forks_and_stops(tmp_path):
         with Browser.launch(exe, tmp_path) as browser:
             page = browser.open(link["link"])
             page.wait("document.getElementById('conn').textContent.startsWith('live')", what="the page to poll")
+            assert "token" not in page.eval("location.href"), "the token leaves the address bar once read"
+
+            page.click(f"#runs tr[data-run='{markup}']")  # what an agent wrote is shown as text, never run
+            page.wait(f"document.getElementById('notes').textContent === {json.dumps(XSS)} && "
+                      f"document.querySelector(\"#experiments tr[data-step='1']\")?.cells[4].textContent === "
+                      f"{json.dumps(XSS)}", what="the markup as text")
+            assert page.eval("document.querySelectorAll('main img, main script').length") == 0
             run = detach(home, make_lab(tmp_path, SLEEP=0.3), "--agent", "random", "-n", "50", "--name", "lr-sweep")
             row = f"#runs tr[data-run='{run}']"
             page.wait(f"!!document.querySelector(\"{row}\")", what="the run to appear")
@@ -177,7 +284,7 @@ def test_the_page_in_chromium_pauses_forks_and_stops(tmp_path):
             page.click("#fork")
             page.wait("document.getElementById('message').className === 'error'", what="the refusal")
             assert "no step 999" in page.eval("document.getElementById('message').textContent")
-            assert len(json.loads(cli(home, "status", "--json").stdout)) == 1, "nothing half-written"
+            assert len(json.loads(cli(home, "status", "--json").stdout)) == 2, "nothing half-written"
 
             page.type("#fork-step", "1")
             page.click("#fork")

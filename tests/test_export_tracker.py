@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -194,3 +195,33 @@ def test_bad_input_is_one_line_and_writes_nothing(home_dir, tmp_path):
     # the optional extra stays out of every other command: the CLI's modules never import mlflow
     code = "import sys; from rloopd.cli import app; assert 'mlflow' not in sys.modules, 'mlflow imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_store_failing_mid_export_is_one_line_naming_the_run(home_dir, tmp_path, monkeypatch, capsys):
+    """MLflow errors after the store opened (a server's 5xx here) are one line and a non-zero exit, not a
+    traceback. A stand-in client: no store is made, so this runs in `make test`."""
+    need_mlflow()
+    from mlflow.exceptions import MlflowException
+
+    from rloopd import export_tracker
+    from rloopd.cli import main
+
+    class Failing:
+        def get_experiment_by_name(self, name):
+            return SimpleNamespace(lifecycle_stage="active", experiment_id="1")
+
+        def search_runs(self, *args, **kwargs):
+            raise MlflowException("API request to endpoint /api/2.0/mlflow/runs/search failed with error code "
+                                  "503 != 200. Response body: 'upstream down'\nmore detail")
+
+    with Home.open(home_dir) as h:
+        run = runs.create_run(h, make_lab(tmp_path), agent="random", experiments=0, budget=None, seed=0, name="r0")
+    monkeypatch.setattr(export_tracker, "open_mlflow", lambda uri: Failing())
+    monkeypatch.setattr(sys, "argv", ["rloopd", "export-mlflow", "r0", "--home", str(home_dir),
+                                      "--tracking-uri", "http://127.0.0.1:1"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"rloopd: error: run {run}: API request to endpoint /api/2.0/mlflow/runs/search failed with error code "
+        "503 != 200. Response body: 'upstream down'; exporting again resumes"]

@@ -768,8 +768,10 @@ def test_an_altered_archive_is_refused_in_one_line_and_writes_nothing(archive, t
     Home.open(home).close()
     before = home_state(home)
     code, _, err = cli("import", str(bad), "--home", str(home))
-    if code == 0:
-        return  # a change that kept the archive consistent (a tar detail, a forged but valid payload)
+    if code == 0:  # a change that kept the archive consistent (a tar detail, a forged but valid payload):
+        audit_code, _, audit_err = cli("audit", "--home", str(home))  # what it imported must verify
+        assert audit_code == 0, audit_err
+        return
     line = refusal(code, err)
     assert line.startswith(f"rloopd: error: archive {bad}: "), line
     assert home_state(home) == before, "a refused import wrote to the home"

@@ -107,6 +107,19 @@ def test_every_status_is_recorded_and_the_run_goes_on(home, lab, status):
     assert not any(e.data["accepted"] for e in home.log.read(run, types=["experiment.decided"]))
 
 
+def test_a_judge_reporting_interrupted_is_crashed_once_not_run_again(home, lab):
+    """`interrupted` is the daemon's word (an experiment it ended or an executor lost); the instant lab's
+    train.py, which an agent may edit, chooses what its judge reports, so it must not buy re-runs."""
+    set_status(lab, "interrupted")
+    run = start(home, lab, n=0)
+    state = Loop(home, run).run()
+    [f] = [e.data for e in home.log.read(run, types=["experiment.finished"])]
+    assert (f["attempt"], f["status"]) == (0, "crashed")
+    assert f["reason"] == "the judge reported `interrupted`, a status only the daemon records"
+    assert len(list(home.log.read(run, types=["experiment.started"]))) == 1
+    assert state.status == "finished" and state.retry is None
+
+
 def test_hanging_judge_is_killed_as_timeout(home, lab):
     set_status(lab, "hang")
     run = start(home, lab, n=0)

@@ -99,3 +99,55 @@ def test_a_window_that_closes_on_an_unsubmitted_change_finishes_the_run_at_its_b
     assert [e["reason"] for e in events(home, run, "session.ended")] == ["window"]
     assert events(home, run, "run.finished")[-1]["reason"] == "window" and state.status == "finished"
     assert "WIDTH = 128" not in (home.run_dir(run) / "workspace" / "train.py").read_text()
+
+
+def test_a_directory_swapped_for_a_link_to_a_fifo_never_blocks_the_walks(tmp_path):
+    """os.fwalk opens a directory it has checked with a plain open() that follows links: an agent swapping the
+    directory for a link to a FIFO in between blocked the root daemon for good. Ours open O_NOFOLLOW."""
+    import ctypes
+    import os
+    import threading
+
+    from rloopd.fstree import remove
+    from rloopd.snapshots import read_tree, tree_bytes
+
+    root = tmp_path / "ws"
+    (root / "d").mkdir(parents=True)
+    (root / "d" / "train.py").write_text("x = 1\n")
+    os.mkfifo(tmp_path / "fifo")
+    (root / "link").symlink_to(tmp_path / "fifo")
+    libc = ctypes.CDLL(None, use_errno=True)
+    done = threading.Event()
+
+    def swap() -> None:  # renameat2(RENAME_EXCHANGE): the directory and the link trade places, atomically
+        a, b = str(root / "d").encode(), str(root / "link").encode()
+        while not done.is_set():
+            libc.renameat2(-100, a, -100, b, 2)
+
+    swapper = threading.Thread(target=swap, daemon=True)
+    walks = {"n": 0}
+
+    def walk_a_lot() -> None:
+        deadline = time.monotonic() + 2
+        try:
+            while time.monotonic() < deadline:
+                tree_bytes(root)
+                read_tree(root)
+                walks["n"] += 1
+        except Exception as e:  # noqa: BLE001 - a race the walk does not survive is the failure
+            walks["error"] = repr(e)
+
+    walker = threading.Thread(target=walk_a_lot, daemon=True)
+    swapper.start()
+    walker.start()
+    walker.join(timeout=20)
+    done.set()
+    swapper.join()
+    assert not walker.is_alive(), "a walk blocked on the FIFO"
+    assert "error" not in walks and walks["n"] > 10, walks
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        remove(fd, "ws")
+    finally:
+        os.close(fd)
+    assert not root.exists() and (tmp_path / "fifo").exists()  # the link went, not what it pointed at

@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, Daemon, check_home, cli, emit, make_lab, temp_home  # noqa: E402
-from hostile_agents import CASES, script  # noqa: E402
+from hostile_agents import BOMB_TRAIN, CASES, FLOOD_TRAIN, script  # noqa: E402
 
 LIMITS = ("backoff = 0\ngrace = 1\nempty_cap = 1\nsession_timeout = 300\nprocesses = 64\nmemory_mb = 1024\n"
           "file_mb = 16\ndisk_mb = 64\nworkspace_mb = 8\nnotes_mb = 1\n")
@@ -101,6 +101,17 @@ def outcomes(home: Path, run: str) -> list[tuple]:
                   for (s, r), d in finished.items())
 
 
+def disturbed(home: Path, run: str) -> list[str]:
+    """Signs that a bystander was disturbed beyond its results: a warning, a session ended for another reason
+    than its agent's exit, a violation."""
+    from rloopd.home import Home
+
+    with Home.open(home, create=False) as h:
+        events = list(h.log.read(run, types=["run.warned", "session.ended", "integrity.violated"]))
+    return [f"{e.type} {e.data.get('reason') or e.data.get('message') or e.data.get('found')}" for e in events
+            if not (e.type == "session.ended" and e.data["reason"] == "agent-exit")]
+
+
 def bystanders(home: Path, labs: dict[str, Path]) -> dict[str, str]:
     return {"random": start_run(home, labs["random"], "random", "-n", "12", "--seed", "11"),
             "cmd": start_run(home, labs["cmd"], f"cmd:{labs['cmd'] / 'agent'}", "-n", "5", "--seed", "12")}
@@ -160,6 +171,8 @@ def inside(args: argparse.Namespace, tmp: Path) -> int:
     try:
         daemon.start()
         watch.start()
+        time.sleep(0.2)
+        baseline_mb = watch.most_mb
         beside = bystanders(home, labs)
         env = {"HOSTILE_HOME": str(home), "HOSTILE_OTHER": beside["cmd"]}
         for case in CASES:
@@ -167,9 +180,10 @@ def inside(args: argparse.Namespace, tmp: Path) -> int:
                 if args.no_training:
                     continue
                 fixtures = {n: (ROOT / "tests" / "labfixtures" / n).read_text() for n in FIXTURES}
+                fixtures.update({"bomb.py": BOMB_TRAIN, "flood.py": FLOOD_TRAIN})
                 lab = agent_lab(tmp / f"lab-{case}", script(case, python),
                                 {**env, "HOSTILE_FIXTURES": json.dumps(fixtures)}, base=reference_lab(tmp / "lab-ref"))
-                runs[case] = start_run(home, lab, f"cmd:{lab / 'agent'}", "-n", str(len(FIXTURES)))
+                runs[case] = start_run(home, lab, f"cmd:{lab / 'agent'}", "-n", str(len(fixtures)))
                 continue
             lab = agent_lab(tmp / f"lab-{case}", script(case, python), {**env, "HOSTILE_LAB": str(tmp / f"lab-{case}")})
             extra = ["--window", "4s"] if case == "sleep-past-the-window" else []
@@ -191,6 +205,10 @@ def inside(args: argparse.Namespace, tmp: Path) -> int:
             got = outcomes(home, run)
             if got != expected[kind]:
                 problems.append(f"bystander {kind} differs from its run alone: {got} != {expected[kind]}")
+            problems += [f"bystander {kind}: {p}" for p in disturbed(home, run)]
+        figures["home_mb_over_the_start"] = round(watch.most_mb - baseline_mb)
+        if watch.most_mb - baseline_mb > 64 + 256:  # disk_mb, and what the 0.1 s poll lets a writer add
+            problems.append(f"the home grew {watch.most_mb - baseline_mb:.0f} MB: the disk cap (64 MB) did not hold")
         figures["bystanders_unaffected"] = not any(p.startswith("bystander") for p in problems)
         problems += check_home(home)
     figures["contained"] = sum(1 for r in figures["cases"] if r["contained"])
@@ -219,13 +237,15 @@ def main() -> int:
     args = p.parse_args()
     if args.inside:
         return inside(args, Path(args.inside))
-    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("bwrap"):
-        emit({"campaign": "hostile", "skipped": "needs root, unshare and bubblewrap"})
+    if os.geteuid() != 0 or not all(shutil.which(t) for t in ("unshare", "bwrap", "prlimit")):
+        emit({"campaign": "hostile", "skipped": "needs root, unshare, bubblewrap and prlimit (the limits under test)"})
         return 2
     tmp = temp_home("hostile")
     tmp.chmod(0o755)  # the runs' uids execute the labs' agents from their recorded copies, and read nothing here
     try:
-        cmd = ["unshare", "-m", "--propagation", "private", sys.executable, __file__, "--size-mb", str(args.size_mb),
+        # a pid namespace of its own: if the campaign overruns, killing unshare ends everything it started
+        cmd = ["unshare", "-m", "-p", "-f", "--kill-child", "--mount-proc", "--propagation", "private",
+               sys.executable, __file__, "--size-mb", str(args.size_mb),
                "--minutes", str(args.minutes), "--inside", str(tmp)] + (["--no-training"] if args.no_training else [])
         return subprocess.run(cmd, timeout=args.minutes * 60 + 600).returncode
     finally:

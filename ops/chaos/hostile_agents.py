@@ -90,7 +90,7 @@ print("val_bpb: 0.0001", flush=True)
 FORK_BOMB = r'''
 kids = []
 def bomb():
-    while True:
+    while len(kids) < 256:  # 4x the limit under test: past it, the limit did not hold (and the bomb stops)
         kids.append(subprocess.Popen(["sleep", "30"]))
 attempt("fork bomb", bomb)
 out["forked before the limit"] = len(kids)
@@ -103,10 +103,10 @@ submit("depth 5, after the bomb")
 '''
 
 MEMORY = r'''
-attempt("allocate 64 GiB at once", lambda: len(bytearray(64 << 30)))
+attempt("allocate 64 GiB at once", lambda: len(bytearray(64 << 30)))  # address space: nothing is touched
 hoard = []
 def grow():
-    while True:
+    while len(hoard) < 64:  # 4 GiB, 4x the limit under test: past it, the limit did not hold
         hoard.append(bytearray(64 << 20))
 attempt("allocate 64 MiB at a time", grow)
 out["MiB held at the limit"] = len(hoard) * 64
@@ -119,18 +119,19 @@ submit("width 32, after the hoard")
 FILL_DISK = r'''
 report()
 big = b"\0" * (1 << 20)
-def fill(dirpath, prefix):
+def fill(dirpath, prefix, files=None):
     os.makedirs(dirpath, exist_ok=True)
     i = 0
-    while True:
+    while files is None or i < files:
         with open(os.path.join(dirpath, f"{prefix}{i}"), "wb") as f:
             for _ in range(4):
                 f.write(big)
         i += 1
 out["tmp"] = "started"
 report()
+fill(os.environ.get("TMPDIR", "/tmp"), "fill", 8)  # 32 MB: allowed; then more than the cap allows
+out["TMPDIR"] = 32
 attempt("fill workspace/.git", lambda: fill("workspace/.git/objects", "pack"))
-attempt("fill TMPDIR", lambda: fill(os.environ.get("TMPDIR", "/tmp"), "fill"))
 report()
 time.sleep(60)
 '''
@@ -219,6 +220,14 @@ try:
     out["flood"] = f"held {len(held)} connections"
 except OSError as e:
     out["flood"] = f"stopped at {len(held)} connections: {e}"
+told = 0
+for s in held[-50:]:  # past the cap the daemon answers at once and hangs up
+    try:
+        s.settimeout(0.5)
+        told += b"connections to this run" in s.recv(4096)
+    except OSError:
+        pass
+out["told over the cap"] = told
 for s in held:
     s.close()
 time.sleep(1)
@@ -231,9 +240,38 @@ for _ in range(20):  # the held connections give their slots back as the server 
 report()
 '''
 
+BOMB_TRAIN = """
+import subprocess
+
+
+def train(ctx):
+    kids = []
+    try:
+        while len(kids) < 6000:  # past the training limit (4096 processes of the run's uid) it did not hold
+            kids.append(subprocess.Popen(["sleep", "60"]))
+        print(f"fork bomb ran to {len(kids)} processes: ESCAPED", flush=True)
+    except OSError as e:
+        print(f"fork bomb stopped after {len(kids)} processes: {e}", flush=True)
+    finally:
+        for k in kids:
+            k.kill()
+    raise SystemExit("the bomb is all this train.py does")
+"""
+
+FLOOD_TRAIN = """
+import sys
+
+
+def train(ctx):
+    line = "val_bpb: 0.0001 " + "x" * 1000 + "\\n"
+    for _ in range(64 << 10):  # 64 MB of log
+        sys.stdout.write(line)
+    raise SystemExit("the flood is all this train.py does")
+"""
+
 TRAINING = r'''
 fixtures = json.loads(os.environ["HOSTILE_FIXTURES"])
-order = ["bigram.py", "forger.py", "lookahead.py", "greedy.py", "ignores_clock.py"]
+order = ["bigram.py", "forger.py", "lookahead.py", "greedy.py", "ignores_clock.py", "bomb.py", "flood.py"]
 for name in order:
     open("workspace/train.py", "w").write(fixtures[name])
     submit(name)

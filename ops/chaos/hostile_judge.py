@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import re
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -71,6 +72,11 @@ class Seen:
             if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
                 return False
         return True
+
+    def log(self, n: int) -> str:
+        """The training log step n's finish kept."""
+        blob = self.step(n).get("log_blob")
+        return self.home.blobs.get(blob).decode(errors="replace") if blob else ""
 
     def sample(self) -> str:
         refused = [v for v in self.attempts().values() if not v.startswith("ESCAPED")]
@@ -160,7 +166,7 @@ def fill_disk(s: Seen) -> list[dict]:
     workspace = s.home.run_dir(s.run) / "workspace"
     tmp_left = list((s.home.path / "sessions" / s.run / "tmp").glob("*"))
     ok = "disk-cap" in reasons and "workspace_mb" in found and not (workspace / ".git").exists() and not tmp_left
-    return [row("fill the disk", "4 MB files into workspace/.git, then into TMPDIR",
+    return [row("fill the disk", "32 MB of 4 MB files into TMPDIR, then into workspace/.git until stopped",
                 "session ended at disk_mb = 64; its files removed; the home's filesystem never near full",
                 "session.ended disk-cap; integrity.violated: workspace over workspace_mb", ok)]
 
@@ -186,18 +192,21 @@ def log_and_sockets(s: Seen) -> list[dict]:
 def socket_abuse(s: Seen) -> list[dict]:
     answers = s.attempts()
     final = [v for k, v in s.tried.items() if k.startswith("submit: ")]
-    ok = not s.escaped() and step_ok(s) and final and final[-1].startswith("exit 0") and len(answers) >= 9
+    told = s.tried.get("told over the cap", 0)
+    ok = not s.escaped() and step_ok(s) and final and final[-1].startswith("exit 0") and len(answers) >= 9 \
+        and told >= 1
     return [row("malformed, huge and flooding messages to its own socket",
                 "garbage, a JSON array, 200k nested brackets, a 3 MB line, unknown ops, wrong args, "
                 "a half message, 400 connections held",
                 f"each answered with an error or closed ({answers.get('over the size limit', '')[:60]}); "
-                f"{s.tried.get('flood', '')}; then a submit went through",
+                f"{s.tried.get('flood', '')}, {told} of the last 50 told they were over the cap; then a "
+                f"submit went through",
                 "refusals are not events; the run went on (step 1 ok)", ok)]
 
 
 def training(s: Seen) -> list[dict]:
     honest, forged = s.metric(1), s.metric(2)
-    st = {n: s.step(n) for n in range(1, 6)}
+    st = {n: s.step(n) for n in range(1, 8)}
     rows = [row("monkeypatch the evaluator, forge a result, print fake metrics (in train.py)",
                 "torch's losses patched, a result planted at the judge's --result path",
                 f"val_bpb {forged}, a bigram's score (the honest bigram of step 1, another seed: {honest}), "
@@ -211,6 +220,15 @@ def training(s: Seen) -> list[dict]:
                 st[4].get("status") == "oom"),
             row("ignore the training clock", "trains forever", f"{st[5].get('status')}: "
                 f"{(st[5].get('reason') or '')[:60]}", "experiment.finished timeout", st[5].get("status") == "timeout")]
+    bomb, flood = s.log(6), s.log(7)
+    stopped = re.search(r"fork bomb stopped after (\d+) processes", bomb)
+    rows.append(row("fork bomb in training", "sleep processes from train.py until refused",
+                    stopped.group(0) if stopped else "the bomb was not stopped: " + bomb[-80:],
+                    f"experiment.finished {st.get(6, {}).get('status')}; RLIMIT_NPROC = 4096 for the run's uid",
+                    bool(stopped) and int(stopped.group(1)) <= 4096 and "ESCAPED" not in bomb))
+    rows.append(row("flood the training log", "64 MB of fake metric lines", f"{len(flood) >> 20} MB of it kept "
+                    f"(first and last 4 MB)", f"experiment.finished {st.get(7, {}).get('status')}; val_bpb not taken",
+                    len(flood) <= (8 << 20) + 4096 and "not kept" in flood and s.metric(7) is None))
     return rows
 
 
