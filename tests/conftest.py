@@ -25,6 +25,19 @@ def need_tool(name: str) -> str:
     return path
 
 
+def need_module(name: str, extra: str):
+    """The module `name`; skip without it on a laptop, but fail in CI, where the dev extra installs it
+    (`extra`: the optional extra a user installs for it)."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        if IN_CI:
+            pytest.fail(f"{name} is not installed, but CI=true: the dev extra installs it")
+        pytest.skip(f"{name} is not installed (pip install 'rloopd[{extra}]')")
+
+
 def need_root() -> None:
     """Tests that switch to an unprivileged uid need root; skip on a laptop, fail in CI (which runs as root)."""
     if os.geteuid() != 0:

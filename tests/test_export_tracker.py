@@ -20,7 +20,7 @@ from rloopd.home import Home
 from rloopd.lab import space_label
 from rloopd.loop import Loop, LoopOptions, Stop
 
-from .conftest import IN_CI, rloopd
+from .conftest import need_module, rloopd
 from .daemon_helpers import make_lab
 
 EXP = "rloopd"
@@ -29,13 +29,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:D
 
 
 def need_mlflow():
-    try:
-        import mlflow
-    except ImportError:
-        if IN_CI:
-            pytest.fail("mlflow is not installed, but CI=true: the dev extra installs mlflow-skinny")
-        pytest.skip("mlflow is not installed (pip install 'rloopd[mlflow]')")
-    return mlflow
+    return need_module("mlflow", "mlflow")
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from rloopd.home import Home
 from rloopd.loop import Loop, LoopOptions, Stop
 from rloopd.memory.state import parse_at
 
-from .conftest import IN_CI, rloopd
+from .conftest import need_module, rloopd
 from .daemon_helpers import Served, detach, events, make_lab, state, wait_for
 from .labfixtures.harness import ROOT, TINY
 
@@ -42,14 +42,7 @@ EXPERIMENT_PY = Path("frozen") / "experiment.py"
 
 
 def need_ray():
-    """The `ray` module; skip without it on a laptop, but fail in CI, where the dev extra installs it."""
-    try:
-        import ray
-    except ImportError:
-        if IN_CI:
-            pytest.fail("ray is not installed, but CI=true: the dev extra installs ray")
-        pytest.skip("ray is not installed (pip install 'rloopd[ray]')")
-    return ray
+    return need_module("ray", "ray")
 
 
 @pytest.fixture(scope="module")
